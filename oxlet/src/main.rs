@@ -1,1 +1,37 @@
-fn main() {}
+//! The `oxlet` command.
+
+mod image_cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "oxlet", version, about = "A Linux-native Kubernetes node stack")]
+struct Cli {
+    /// Where oxlet keeps images, containers and state.
+    #[arg(long, global = true, default_value = "/var/lib/oxlet", env = "OXLET_DATA_DIR")]
+    data_dir: std::path::PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Manage images: pull, list, remove, import.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OXLET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Image(cmd) => image_cmd::run(&cli.data_dir, cmd),
+    }
+}
