@@ -1,0 +1,92 @@
+//! GC and STATUS (spec 1.1).
+
+use super::{is_host_veth_name, Ctx, Ipam};
+use crate::ipam::Store;
+use crate::link;
+use crate::masq;
+use crate::types::{code, Attachment, CniError};
+use std::collections::HashSet;
+
+/// Removes IPs, host veths and masquerade elements of attachments not in `cni.dev/valid-attachments`.
+pub(super) async fn gc(ctx: &Ctx) -> Result<(), CniError> {
+    let valid: HashSet<Attachment> = ctx
+        .conf
+        .valid_attachments
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let valid_ids: HashSet<&str> = valid.iter().map(|a| a.container_id.as_str()).collect();
+    match &ctx.ipam {
+        Ipam::HostLocal { dir, .. } => {
+            let store = Store::open(dir, &ctx.conf.name)?;
+            let all = store.allocations()?;
+            let stale: Vec<_> = all
+                .iter()
+                .filter(|(_, id, ifname)| {
+                    if ifname.is_empty() {
+                        !valid_ids.contains(id.as_str())
+                    } else {
+                        !valid.contains(&Attachment {
+                            container_id: id.clone(),
+                            ifname: ifname.clone(),
+                        })
+                    }
+                })
+                .map(|(ip, _, _)| *ip)
+                .collect();
+            store.release(&stale)?;
+            let remaining = all.len() - stale.len();
+            if ctx.conf.ip_masq && (!stale.is_empty() || remaining == 0) {
+                masq::apply(masq::render_del(&ctx.conf.name, &stale, remaining == 0))?;
+            }
+        }
+        Ipam::Delegate { .. } => {
+            ctx.delegate("GC")?;
+        }
+        Ipam::None => {}
+    }
+
+    let keep: HashSet<String> = valid
+        .iter()
+        .map(|a| super::host_veth_name(&a.container_id, &a.ifname))
+        .collect();
+    let (conn, h, _) = rtnetlink::new_connection()
+        .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;
+    tokio::spawn(conn);
+    let Some(bridge) = link::get(&h, ctx.conf.bridge_name()).await? else {
+        return Ok(());
+    };
+    for l in link::list(&h).await? {
+        let Some(name) = link::name_of(&l) else {
+            continue;
+        };
+        if is_host_veth_name(name)
+            && link::controller_of(&l) == Some(bridge.header.index)
+            && !keep.contains(name)
+        {
+            link::del_by_name(&h, &name.to_string()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Ready for ADD when the IPAM store is usable and every range set has a free address.
+pub(super) fn status(ctx: &Ctx) -> Result<(), CniError> {
+    match &ctx.ipam {
+        Ipam::HostLocal { dir, sets, .. } => {
+            let store = Store::open(dir, &ctx.conf.name).map_err(|e| {
+                CniError::new(code::NOT_AVAILABLE, "the IPAM store is not usable").with_details(e)
+            })?;
+            if !store.has_free(sets)? {
+                return Err(CniError::new(
+                    code::NOT_AVAILABLE,
+                    "no IP addresses available in the configured ranges",
+                ));
+            }
+            Ok(())
+        }
+        Ipam::Delegate { .. } => ctx.delegate("STATUS").map(|_| ()),
+        Ipam::None => Ok(()),
+    }
+}
