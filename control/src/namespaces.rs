@@ -1,0 +1,123 @@
+//! Namespaces: the built-in ones, and termination (a deleted namespace is marked Terminating,
+//! its content is deleted, then the namespace itself).
+
+use serde_json::{json, Value};
+use tracing::{debug, warn};
+
+use crate::registry::{self, DeleteOptions, ListOptions, Registry};
+use crate::resources::{self, TYPES};
+use crate::store::EventKind;
+
+pub const BUILTIN: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+pub fn mark_terminating(ns: &mut Value) {
+    let m = crate::defaults::metadata(ns);
+    m.insert("deletionTimestamp".into(), json!(registry::now()));
+    m.insert("deletionGracePeriodSeconds".into(), json!(0));
+    ns["status"]["phase"] = json!("Terminating");
+}
+
+/// Creates the built-in namespaces and the `kubernetes` service when missing.
+pub async fn bootstrap(reg: &Registry) -> Result<(), crate::status::ApiError> {
+    let nst = resources::namespaces();
+    for name in BUILTIN {
+        if reg.get(nst, None, name).is_err() {
+            let obj = json!({"metadata": {"name": name}});
+            match reg.create(nst, None, obj, false).await {
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let svc = resources::get("", "services");
+    if reg.get(svc, Some("default"), "kubernetes").is_err() {
+        let obj = json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}});
+        match reg.create(svc, Some("default"), obj, false).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes everything in namespace `ns`, then the namespace. Pods go at once (there is no
+/// grace for content of a deleted namespace in this first version).
+pub fn finish(reg: &Registry, ns: &str) {
+    let force = DeleteOptions {
+        grace_seconds: Some(0),
+        ..Default::default()
+    };
+    for rt in TYPES.iter().filter(|t| t.namespaced) {
+        let Ok((items, ..)) = reg.list(rt, Some(ns), &ListOptions::default()) else {
+            continue;
+        };
+        for obj in items {
+            let name = registry::meta_str(&obj, "name").to_string();
+            // Finalizers of content are not waited for: they are dropped with the namespace.
+            if obj.pointer("/metadata/finalizers").is_some() {
+                let mut o = obj.clone();
+                o["metadata"]["finalizers"] = json!(null);
+                let _ = reg.update(rt, Some(ns), &name, o, false, false);
+            }
+            if let Err(e) = reg.delete(rt, Some(ns), &name, &force) {
+                if e.code != 404 {
+                    warn!(ns, name, "namespace cleanup: {e}");
+                }
+            }
+        }
+    }
+    let nst = resources::namespaces();
+    if let Err(e) = reg.store.delete(&nst.key(None, ns), None) {
+        debug!(ns, "namespace already gone: {e}");
+    }
+}
+
+/// Runs forever: finishes namespaces that are (or become) Terminating.
+pub async fn run(reg: Registry) {
+    let nst = resources::namespaces();
+    loop {
+        let rev = reg.store.current_rev().unwrap_or(0);
+        if let Ok((items, ..)) = reg.list(nst, None, &ListOptions::default()) {
+            for ns in items {
+                if ns.pointer("/metadata/deletionTimestamp").is_some() {
+                    let r = reg.clone();
+                    let name = registry::meta_str(&ns, "name").to_string();
+                    let _ = tokio::task::spawn_blocking(move || finish(&r, &name)).await;
+                }
+            }
+        }
+        let Ok(mut w) = reg.store.watch(&nst.prefix(), rev) else {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut pending: Vec<Value> = w
+            .backlog
+            .drain(..)
+            .filter(|e| e.kind == EventKind::Modified)
+            .map(|e| registry::decode(&e.entry))
+            .collect();
+        loop {
+            for ns in pending.drain(..) {
+                if ns.pointer("/metadata/deletionTimestamp").is_some() {
+                    let r = reg.clone();
+                    let name = registry::meta_str(&ns, "name").to_string();
+                    let _ = tokio::task::spawn_blocking(move || finish(&r, &name)).await;
+                }
+            }
+            match w.live.recv().await {
+                Ok(ev)
+                    if ev.kind == EventKind::Modified
+                        && ev.entry.key.starts_with(&nst.prefix()) =>
+                {
+                    pending.push(registry::decode(&ev.entry));
+                }
+                Ok(_) => {}
+                // Lagged: start over with a full scan.
+                Err(_) => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Validation: the shape is checked by decoding into the typed `k8s-openapi` structs (a wrong
+//! type is 400 BadRequest, as the real server's decoder answers), then field rules give 422
+//! Invalid with one cause per problem.
+
+use std::collections::HashSet;
+
+use k8s_openapi::api::discovery::v1 as disc;
+use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coord, core::v1 as core};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::resources::ResourceType;
+use crate::status::{ApiError, Cause};
+
+fn decode<T: DeserializeOwned>(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    serde_json::from_value::<T>(obj.clone())
+        .map(drop)
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "{kind} in version \"{v}\" cannot be handled as a {kind}: {e}",
+                kind = rt.kind,
+                v = rt.version
+            ))
+        })
+}
+
+/// Checks that the object decodes as its kind.
+pub fn shape(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
+    match rt.kind {
+        "Namespace" => decode::<core::Namespace>(rt, obj),
+        "Pod" => decode::<core::Pod>(rt, obj),
+        "Service" => decode::<core::Service>(rt, obj),
+        "Endpoints" => decode::<core::Endpoints>(rt, obj),
+        "ConfigMap" => decode::<core::ConfigMap>(rt, obj),
+        "Secret" => decode::<core::Secret>(rt, obj),
+        "ServiceAccount" => decode::<core::ServiceAccount>(rt, obj),
+        "Node" => decode::<core::Node>(rt, obj),
+        "Event" => decode::<core::Event>(rt, obj),
+        "Deployment" => decode::<apps::Deployment>(rt, obj),
+        "ReplicaSet" => decode::<apps::ReplicaSet>(rt, obj),
+        "EndpointSlice" => decode::<disc::EndpointSlice>(rt, obj),
+        "Lease" => decode::<coord::Lease>(rt, obj),
+        _ => Ok(()),
+    }
+}
+
+/// A DNS-1123 subdomain: lower-case alphanumerics, '-' and '.', at most 253.
+pub fn dns_subdomain(s: &str) -> Option<&'static str> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !p.starts_with('-')
+                && !p.ends_with('-')
+        });
+    (!ok).then_some(
+        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or \
+         '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used \
+         for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+    )
+}
+
+/// A DNS-1123 label: lower-case alphanumerics and '-', at most 63.
+pub fn dns_label(s: &str) -> Option<&'static str> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    (!ok).then_some(
+        "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and \
+         must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex \
+         used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')",
+    )
+}
+
+/// Types whose names must be DNS labels rather than subdomains.
+fn label_named(kind: &str) -> bool {
+    matches!(kind, "Namespace" | "Service")
+}
+
+/// Field rules. Returns all problems found.
+pub fn fields(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
+    let mut c = Vec::new();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if name.is_empty() {
+        c.push(Cause::required("metadata.name"));
+    } else {
+        let bad = if label_named(rt.kind) {
+            dns_label(name)
+        } else {
+            dns_subdomain(name)
+        };
+        if let Some(why) = bad {
+            c.push(Cause::invalid("metadata.name", &Value::from(name), why));
+        }
+    }
+    match rt.kind {
+        "Pod" => pod_spec(&obj["spec"], "spec", &mut c),
+        "Deployment" | "ReplicaSet" => workload(obj, &mut c),
+        "Service" => service(&obj["spec"], &mut c),
+        "ConfigMap" | "Secret" => data_keys(obj, &mut c),
+        _ => {}
+    }
+    c
+}
+
+fn pod_spec(spec: &Value, path: &str, c: &mut Vec<Cause>) {
+    let containers = spec["containers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    if containers.is_empty() {
+        c.push(Cause::required(format!("{path}.containers")));
+    }
+    let mut names = HashSet::new();
+    for (key, list) in [
+        ("initContainers", &spec["initContainers"]),
+        ("containers", &spec["containers"]),
+    ] {
+        for (i, ctr) in list.as_array().into_iter().flatten().enumerate() {
+            let p = format!("{path}.{key}[{i}]");
+            match ctr["name"].as_str().unwrap_or("") {
+                "" => c.push(Cause::required(format!("{p}.name"))),
+                n => {
+                    if let Some(why) = dns_label(n) {
+                        c.push(Cause::invalid(format!("{p}.name"), &ctr["name"], why));
+                    } else if !names.insert(n.to_string()) {
+                        c.push(Cause::duplicate(format!("{p}.name"), &ctr["name"]));
+                    }
+                }
+            }
+            if ctr["image"].as_str().unwrap_or("").trim().is_empty() {
+                c.push(Cause::required(format!("{p}.image")));
+            }
+            for (j, port) in ctr["ports"].as_array().into_iter().flatten().enumerate() {
+                let n = port["containerPort"].as_i64().unwrap_or(0);
+                if !(1..=65535).contains(&n) {
+                    c.push(Cause::invalid(
+                        format!("{p}.ports[{j}].containerPort"),
+                        &port["containerPort"],
+                        "must be between 1 and 65535, inclusive",
+                    ));
+                }
+            }
+            if let Some(pp) = ctr.get("imagePullPolicy").and_then(Value::as_str) {
+                let ok = ["Always", "IfNotPresent", "Never"];
+                if !ok.contains(&pp) {
+                    c.push(Cause::not_supported(
+                        format!("{p}.imagePullPolicy"),
+                        &ctr["imagePullPolicy"],
+                        &ok,
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(rp) = spec.get("restartPolicy").and_then(Value::as_str) {
+        let ok = ["Always", "OnFailure", "Never"];
+        if !ok.contains(&rp) {
+            c.push(Cause::not_supported(
+                format!("{path}.restartPolicy"),
+                &spec["restartPolicy"],
+                &ok,
+            ));
+        }
+    }
+}
+
+fn workload(obj: &Value, c: &mut Vec<Cause>) {
+    let spec = &obj["spec"];
+    if let Some(r) = spec.get("replicas").and_then(Value::as_i64) {
+        if r < 0 {
+            c.push(Cause::invalid(
+                "spec.replicas",
+                &spec["replicas"],
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
+    let sel = &spec["selector"];
+    let empty_sel = sel
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .is_none_or(|m| m.is_empty())
+        && sel
+            .get("matchExpressions")
+            .and_then(Value::as_array)
+            .is_none_or(|m| m.is_empty());
+    if empty_sel {
+        c.push(Cause::required("spec.selector"));
+    } else {
+        let s = crate::select::LabelSelector::from_object(sel);
+        let labels = spec.pointer("/template/metadata/labels");
+        if !s.matches(labels) {
+            c.push(Cause::invalid(
+                "spec.template.metadata.labels",
+                labels.unwrap_or(&Value::Null),
+                "`selector` does not match template `labels`",
+            ));
+        }
+    }
+    pod_spec(&spec["template"]["spec"], "spec.template.spec", c);
+    if let Some(rp) = spec
+        .pointer("/template/spec/restartPolicy")
+        .and_then(Value::as_str)
+    {
+        if rp != "Always" {
+            c.push(Cause::not_supported(
+                "spec.template.spec.restartPolicy",
+                &Value::from(rp),
+                &["Always"],
+            ));
+        }
+    }
+}
+
+fn service(spec: &Value, c: &mut Vec<Cause>) {
+    let ty = spec["type"].as_str().unwrap_or("ClusterIP");
+    let types = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
+    if !types.contains(&ty) {
+        c.push(Cause::not_supported("spec.type", &spec["type"], &types));
+    }
+    let ports = spec["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let headless = spec["clusterIP"] == "None";
+    if ports.is_empty() && ty != "ExternalName" && !headless {
+        c.push(Cause::required("spec.ports"));
+    }
+    let mut seen = HashSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let n = p["port"].as_i64().unwrap_or(0);
+        if !(1..=65535).contains(&n) {
+            c.push(Cause::invalid(
+                format!("spec.ports[{i}].port"),
+                &p["port"],
+                "must be between 1 and 65535, inclusive",
+            ));
+        }
+        if ports.len() > 1 && p["name"].as_str().unwrap_or("").is_empty() {
+            c.push(Cause::required(format!("spec.ports[{i}].name")));
+        }
+        let proto = p["protocol"].as_str().unwrap_or("TCP");
+        if !seen.insert((n, proto.to_string())) {
+            c.push(Cause::duplicate(format!("spec.ports[{i}]"), &p["port"]));
+        }
+    }
+    if ty == "ExternalName" && spec["externalName"].as_str().unwrap_or("").is_empty() {
+        c.push(Cause::required("spec.externalName"));
+    }
+}
+
+fn data_keys(obj: &Value, c: &mut Vec<Cause>) {
+    for field in ["data", "binaryData", "stringData"] {
+        for k in obj[field].as_object().into_iter().flatten().map(|(k, _)| k) {
+            let ok = !k.is_empty()
+                && k.len() <= 253
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            if !ok {
+                c.push(Cause::invalid(
+                    format!("{field}[{k}]"),
+                    &Value::from(k.as_str()),
+                    "a valid config key must consist of alphanumeric characters, '-', '_' or '.'",
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources;
+    use serde_json::json;
+
+    #[test]
+    fn bad_pods_list_every_problem() {
+        let rt = resources::get("", "pods");
+        let pod = json!({"metadata": {"name": "Bad_Name"}, "spec": {"containers": [
+            {"name": "a", "image": ""}, {"name": "a", "image": "x", "ports": [{"containerPort": 70000}]}]}});
+        let causes = fields(rt, &pod);
+        let f: Vec<_> = causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            f,
+            [
+                "metadata.name",
+                "spec.containers[0].image",
+                "spec.containers[1].name",
+                "spec.containers[1].ports[0].containerPort"
+            ]
+        );
+        assert!(shape(rt, &json!({"spec": {"containers": "no"}})).is_err());
+    }
+
+    #[test]
+    fn deployment_selector_must_match_template() {
+        let rt = resources::get("apps", "deployments");
+        let d = json!({"metadata": {"name": "web"}, "spec": {"selector": {"matchLabels": {"app": "x"}},
+            "template": {"metadata": {"labels": {"app": "y"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+        let causes = fields(rt, &d);
+        assert_eq!(causes.len(), 1);
+        assert_eq!(causes[0].field, "spec.template.metadata.labels");
+    }
+}
