@@ -3,6 +3,12 @@
 //! Blocking kernel work (libcontainer, mounts, unpacking) is synchronous here; async callers go
 //! through `tokio::task::spawn_blocking`.
 
+pub mod cgroup;
+pub mod container;
 pub mod image;
+pub mod log;
+pub mod sandbox;
+pub mod shim;
+pub mod spec;
 
 pub use libcontainer::oci_spec;

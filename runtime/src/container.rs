@@ -1,0 +1,413 @@
+//! Container lifecycle on youki's `libcontainer`: create (through a detached `oxlet-shim` that
+//! supervises the container, copies its output into the CRI log and records how it exited),
+//! start, stop, delete, state, exec, and a foreground `run` for `oxlet run`.
+//!
+//! All state is files, so a restarted caller finds its containers again: `<containers>/<id>/`
+//! holds the bundle (`config.json`, `rootfs`), `meta.json` and, once the process ended,
+//! `exit.json`; libcontainer keeps its own state under `<state_root>/<id>`.
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("container {0} not found")]
+    NotFound(String),
+    #[error("container {0} already exists")]
+    AlreadyExists(String),
+    #[error("invalid container id {0:?}")]
+    InvalidId(String),
+    #[error("container {id}: {source}")]
+    Libcontainer {
+        id: String,
+        #[source]
+        source: libcontainer::error::LibcontainerError,
+    },
+    #[error("container {id}: shim: {message}")]
+    Shim { id: String, message: String },
+    #[error("container {id}: {what}: {source}")]
+    Io {
+        id: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("container {id}: {what}: {source}")]
+    Sys {
+        id: String,
+        what: String,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where containers live; shared by the runtime and its shims.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `<containers>/<id>` is a container's bundle and record.
+    pub containers: PathBuf,
+    /// libcontainer's root (`with_root_path`): on tmpfs, since it describes live processes.
+    pub state_root: PathBuf,
+    /// The `oxlet-shim` executable.
+    pub shim: PathBuf,
+}
+
+impl Paths {
+    pub fn dir(&self, id: &str) -> PathBuf {
+        self.containers.join(id)
+    }
+}
+
+/// How a container's process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    pub finished_at: String,
+}
+
+impl ExitInfo {
+    /// The reason kubelet reports for a terminated container.
+    pub fn reason(&self) -> &'static str {
+        if self.oom_killed {
+            "OOMKilled"
+        } else if self.exit_code == 0 {
+            "Completed"
+        } else {
+            "Error"
+        }
+    }
+}
+
+/// What the shim reports when the container's process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Created, waiting to be started.
+    Created,
+    Running { pid: i32 },
+    Exited(ExitInfo),
+}
+
+/// Validates ids used as directory names: no path separators or traversal.
+pub fn valid_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    ok.then_some(()).ok_or_else(|| Error::InvalidId(id.to_string()))
+}
+
+fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let (id, what) = (id.to_string(), what.into());
+    move |source| Error::Io { id, what, source }
+}
+
+fn lc_err(id: &str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> Error {
+    let id = id.to_string();
+    move |source| Error::Libcontainer { id, source }
+}
+
+/// Options the shim needs besides the bundle.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub path: PathBuf,
+    pub max_size: u64,
+    pub max_files: usize,
+}
+
+/// Creates the container from the bundle at `paths.dir(id)` (its `config.json` written by the
+/// caller) through a detached shim. Returns once the container's init waits to be started.
+pub fn create(paths: &Paths, id: &str, log: &LogOptions) -> Result<()> {
+    valid_id(id)?;
+    if paths.state_root.join(id).exists() {
+        return Err(Error::AlreadyExists(id.to_string()));
+    }
+    std::fs::create_dir_all(&paths.state_root).map_err(io_err(id, "state root"))?;
+    let dir = paths.dir(id);
+    let shim_log = std::fs::File::create(dir.join("shim.log")).map_err(io_err(id, "shim log"))?;
+    let mut child = Command::new(&paths.shim)
+        .arg("create")
+        .arg("--id")
+        .arg(id)
+        .arg("--bundle")
+        .arg(&dir)
+        .arg("--root")
+        .arg(&paths.state_root)
+        .arg("--log")
+        .arg(&log.path)
+        .arg("--log-max-size")
+        .arg(log.max_size.to_string())
+        .arg("--log-max-files")
+        .arg(log.max_files.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(shim_log)
+        .spawn()
+        .map_err(io_err(id, format!("spawn {}", paths.shim.display())))?;
+    let stdout = child.stdout.take().expect("piped");
+    // The shim forks away at once, so this wait only reaps the first process.
+    let _ = child.wait();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).map_err(io_err(id, "shim report"))?;
+    match line.trim().split_once(' ') {
+        Some(("ok", _pid)) => Ok(()),
+        Some(("error", msg)) => Err(Error::Shim { id: id.into(), message: msg.to_string() }),
+        _ => {
+            let log = std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default();
+            Err(Error::Shim { id: id.into(), message: format!("no report; shim log: {}", log.trim()) })
+        }
+    }
+}
+
+/// Starts a created container's process.
+pub fn start(paths: &Paths, id: &str) -> Result<()> {
+    let mut c = load(paths, id)?;
+    c.start().map_err(lc_err(id))?;
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+    std::fs::write(paths.dir(id).join("started_at"), now).map_err(io_err(id, "started_at"))
+}
+
+fn load(paths: &Paths, id: &str) -> Result<Container> {
+    valid_id(id)?;
+    let root = paths.state_root.join(id);
+    if !root.join("state.json").exists() {
+        return Err(Error::NotFound(id.to_string()));
+    }
+    let mut c = Container::load(root).map_err(lc_err(id))?;
+    c.refresh_status().map_err(lc_err(id))?;
+    Ok(c)
+}
+
+/// The exit record the shim wrote, if the process ended.
+pub fn exit_info(paths: &Paths, id: &str) -> Option<ExitInfo> {
+    let data = std::fs::read(paths.dir(id).join("exit.json")).ok()?;
+    serde_json::from_slice(&data).ok()
+}
+
+/// The time `start` recorded, RFC 3339.
+pub fn started_at(paths: &Paths, id: &str) -> Option<String> {
+    std::fs::read_to_string(paths.dir(id).join("started_at")).ok()
+}
+
+pub fn state(paths: &Paths, id: &str) -> Result<State> {
+    valid_id(id)?;
+    if let Some(exit) = exit_info(paths, id) {
+        return Ok(State::Exited(exit));
+    }
+    if !paths.dir(id).exists() {
+        return Err(Error::NotFound(id.to_string()));
+    }
+    match load(paths, id) {
+        Ok(c) => Ok(match c.status() {
+            ContainerStatus::Created | ContainerStatus::Creating => State::Created,
+            ContainerStatus::Running | ContainerStatus::Paused => {
+                State::Running { pid: c.pid().map(|p| p.as_raw()).unwrap_or(0) }
+            }
+            // Stopped but the shim has not written its record yet (or was killed).
+            ContainerStatus::Stopped => State::Exited(
+                wait_exit_info(paths, id, Duration::from_secs(2)).unwrap_or(ExitInfo {
+                    exit_code: 255,
+                    signal: None,
+                    oom_killed: false,
+                    finished_at: now(),
+                }),
+            ),
+        }),
+        // No libcontainer state and no exit record: the machine rebooted or the shim died
+        // before it could write; the process is gone.
+        Err(Error::NotFound(_)) => Ok(State::Exited(ExitInfo {
+            exit_code: 255,
+            signal: None,
+            oom_killed: false,
+            finished_at: now(),
+        })),
+        Err(e) => Err(e),
+    }
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn wait_exit_info(paths: &Paths, id: &str, timeout: Duration) -> Option<ExitInfo> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(e) = exit_info(paths, id) {
+            return Some(e);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until the container's process has ended and the shim recorded it.
+pub fn wait(paths: &Paths, id: &str, timeout: Duration) -> Option<ExitInfo> {
+    wait_exit_info(paths, id, timeout)
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILLs every process of the container, as kubelet
+/// does. Returns how the process ended; stopping an exited container is a no-op.
+pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
+    if let Some(e) = exit_info(paths, id) {
+        return Ok(e);
+    }
+    let mut c = match load(paths, id) {
+        Ok(c) => c,
+        Err(Error::NotFound(_)) => return state(paths, id).map(|s| match s {
+            State::Exited(e) => e,
+            _ => unreachable!("no libcontainer state means exited"),
+        }),
+        Err(e) => return Err(e),
+    };
+    if c.status() == ContainerStatus::Created {
+        // Never started: killing the waiting init ends it.
+        let _ = c.kill(Signal::SIGKILL, true);
+    } else if c.can_kill() {
+        let _ = c.kill(Signal::SIGTERM, false);
+        if let Some(e) = wait_exit_info(paths, id, grace) {
+            return Ok(e);
+        }
+        let _ = load(paths, id).map(|mut c| c.kill(Signal::SIGKILL, true));
+    }
+    wait_exit_info(paths, id, Duration::from_secs(10)).ok_or_else(|| Error::Shim {
+        id: id.into(),
+        message: "process did not report its exit after SIGKILL".into(),
+    })
+}
+
+/// Deletes the container: kills what still runs, removes libcontainer's state and the
+/// container's cgroup. The bundle directory is the caller's (it owns the rootfs mount).
+/// Idempotent.
+pub fn delete(paths: &Paths, id: &str) -> Result<()> {
+    valid_id(id)?;
+    let root = paths.state_root.join(id);
+    if root.join("state.json").exists() {
+        if exit_info(paths, id).is_none() && paths.dir(id).exists() {
+            stop(paths, id, Duration::ZERO)?;
+        }
+        let mut c = Container::load(root.clone()).map_err(lc_err(id))?;
+        c.delete(true).map_err(lc_err(id))?;
+    }
+    match std::fs::remove_dir_all(&root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(id, "remove state")(e)),
+    }
+}
+
+/// Ids of the containers recorded under `paths.containers`.
+pub fn list(paths: &Paths) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(&paths.containers)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("config.json").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A command that runs `args` inside the running container through the shim; the caller picks
+/// its stdio and gets the process's exit code as the command's (128+N for signal N).
+pub fn exec_command(paths: &Paths, id: &str, args: &[String], timeout: Option<Duration>) -> Command {
+    let mut cmd = Command::new(&paths.shim);
+    cmd.arg("exec").arg("--id").arg(id).arg("--root").arg(&paths.state_root);
+    if let Some(t) = timeout {
+        cmd.arg("--timeout-ms").arg(t.as_millis().to_string());
+    }
+    cmd.arg("--").args(args);
+    cmd
+}
+
+/// Output of a finished exec.
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `args` in the container and collects its output (exec probes, tests).
+pub fn exec(paths: &Paths, id: &str, args: &[String], timeout: Option<Duration>) -> Result<ExecOutput> {
+    if !matches!(state(paths, id)?, State::Running { .. }) {
+        return Err(Error::Shim { id: id.into(), message: "container is not running".into() });
+    }
+    let out = exec_command(paths, id, args, timeout)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io_err(id, "exec"))?;
+    Ok(ExecOutput {
+        exit_code: out.status.code().unwrap_or(255),
+        stdout: out.stdout,
+        stderr: out.stderr,
+    })
+}
+
+/// Exit code of a wait status the way shells report it.
+pub fn exit_code(status: WaitStatus) -> Option<(i32, Option<i32>)> {
+    match status {
+        WaitStatus::Exited(_, code) => Some((code, None)),
+        WaitStatus::Signaled(_, sig, _) => Some((128 + sig as i32, Some(sig as i32))),
+        _ => None,
+    }
+}
+
+/// Creates, starts and waits for a container in this process, with its output on `stdout` and
+/// `stderr`, then deletes it (`oxlet run`). Returns the exit code. Call it from a process with a
+/// single thread: libcontainer forks.
+pub fn run_foreground(state_root: &Path, id: &str, bundle: &Path, stdout: OwnedFd, stderr: OwnedFd) -> Result<i32> {
+    valid_id(id)?;
+    std::fs::create_dir_all(state_root).map_err(io_err(id, "state root"))?;
+    let mut c = ContainerBuilder::new(id.to_string(), SyscallType::default())
+        .with_root_path(state_root)
+        .map_err(lc_err(id))?
+        .with_stdout(stdout)
+        .with_stderr(stderr)
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(lc_err(id))?;
+    let result = (|| {
+        c.start().map_err(lc_err(id))?;
+        let pid = c.pid().ok_or_else(|| Error::Shim { id: id.into(), message: "no pid".into() })?;
+        wait_for(pid).map_err(|source| Error::Sys { id: id.into(), what: "waitpid".into(), source })
+    })();
+    let deleted = c.delete(true).map_err(lc_err(id));
+    let code = result?;
+    deleted?;
+    Ok(code.0)
+}
+
+/// Waits for `pid`, reaping other children met on the way (the caller may be a subreaper).
+pub fn wait_for(pid: Pid) -> nix::Result<(i32, Option<i32>)> {
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(status) if status.pid() == Some(pid) => {
+                if let Some(code) = exit_code(status) {
+                    return Ok(code);
+                }
+            }
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => {}
+            Err(nix::Error::ECHILD) => return Ok((255, None)),
+            Err(e) => return Err(e),
+        }
+    }
+}

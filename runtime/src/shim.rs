@@ -1,0 +1,209 @@
+//! The body of `oxlet-shim`, the small process that owns one container while it lives, so the
+//! caller (agent) can restart without losing the container, its output or its exit status.
+//!
+//! `oxlet-shim create --id ID --bundle DIR --root STATE --log FILE [--log-max-size N]
+//! [--log-max-files N]`: forks away from the caller, builds the container with libcontainer,
+//! reports `ok <pid>` or `error <message>` on stdout, then copies the container's stdout and
+//! stderr into the CRI log and, when the process ends, writes `DIR/exit.json`.
+//!
+//! `oxlet-shim exec --id ID --root STATE [--timeout-ms N] -- CMD...`: runs CMD in the container
+//! with this process's stdio and exits with its exit code.
+
+use crate::container::{wait_for, ExitInfo};
+use crate::log::{copy_stream, CriLog, Stream};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::unistd::{fork, setsid, ForkResult};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn flags(args: &[String]) -> (HashMap<String, String>, Vec<String>) {
+    let mut map = HashMap::new();
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            rest.extend(it.cloned());
+            break;
+        }
+        if let Some(name) = a.strip_prefix("--") {
+            map.insert(name.to_string(), it.next().cloned().unwrap_or_default());
+        }
+    }
+    (map, rest)
+}
+
+/// Entry point of the `oxlet-shim` binary; returns the process exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    let Some(verb) = args.first() else {
+        eprintln!("usage: oxlet-shim create|exec ...");
+        return 2;
+    };
+    let (f, rest) = flags(&args[1..]);
+    match verb.as_str() {
+        "create" => create(&f),
+        "exec" => exec(&f, rest),
+        other => {
+            eprintln!("oxlet-shim: unknown verb {other}");
+            2
+        }
+    }
+}
+
+fn get(f: &HashMap<String, String>, k: &str) -> Result<String, String> {
+    f.get(k).cloned().ok_or_else(|| format!("missing --{k}"))
+}
+
+fn create(f: &HashMap<String, String>) -> i32 {
+    // Fork away so the caller only reaps this first process and the container outlives it.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { .. }) => return 0,
+        Ok(ForkResult::Child) => {}
+        Err(e) => {
+            println!("error fork: {e}");
+            return 1;
+        }
+    }
+    let _ = setsid();
+    // Orphans inside the container come back to us to be reaped.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    match supervise(f) {
+        Ok(()) => 0,
+        Err(e) => {
+            report(&format!("error {}", e.replace('\n', " ")));
+            1
+        }
+    }
+}
+
+fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+    // Closing our stdout tells the caller the report is complete.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
+    let id = get(f, "id")?;
+    let bundle = PathBuf::from(get(f, "bundle")?);
+    let root = PathBuf::from(get(f, "root")?);
+    let log_path = PathBuf::from(get(f, "log")?);
+    let max_size = f.get("log-max-size").and_then(|v| v.parse().ok()).unwrap_or(crate::log::DEFAULT_MAX_SIZE);
+    let max_files = f.get("log-max-files").and_then(|v| v.parse().ok()).unwrap_or(crate::log::DEFAULT_MAX_FILES);
+    let log = CriLog::open(&log_path, max_size, max_files).map_err(|e| format!("log {}: {e}", log_path.display()))?;
+    let log = Arc::new(Mutex::new(log));
+    let (out_r, out_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (err_r, err_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let built = ContainerBuilder::new(id.clone(), SyscallType::default())
+        .with_root_path(&root)
+        .and_then(|b| {
+            b.with_stdout(out_w)
+                .with_stderr(err_w)
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+        });
+    let container = match built {
+        Ok(c) => c,
+        Err(e) => {
+            // libcontainer can leave its state dir behind when create fails half-way.
+            if let Ok(mut c) = libcontainer::container::Container::load(root.join(&id)) {
+                let _ = c.delete(true);
+            }
+            let _ = std::fs::remove_dir_all(root.join(&id));
+            return Err(format!("{e}"));
+        }
+    };
+    let pid = container.pid().ok_or("container has no pid")?;
+    let cgroup = cgroups_path(&bundle);
+    let copiers: Vec<_> = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)]
+        .into_iter()
+        .map(|(fd, stream)| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let file = std::fs::File::from(fd);
+                if let Err(e) = copy_stream(file, stream, log) {
+                    tracing::warn!(error = %e, "log copy");
+                }
+            })
+        })
+        .collect();
+    report(&format!("ok {pid}"));
+    let (code, signal) = wait_for(pid).map_err(|e| format!("waitpid: {e}"))?;
+    let oom_killed = cgroup.as_deref().is_some_and(|p| crate::cgroup::usage(p).oom_kills > 0);
+    // Output still buffered in the pipes belongs before the exit record; a daemon left holding
+    // the pipe must not keep the record from being written.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    for c in copiers {
+        while !c.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let info = ExitInfo {
+        exit_code: code,
+        signal,
+        oom_killed: oom_killed && (signal == Some(libc::SIGKILL) || code == 137),
+        finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+    };
+    let tmp = bundle.join(".exit.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&info).expect("serializable"))
+        .and_then(|_| std::fs::rename(&tmp, bundle.join("exit.json")))
+        .map_err(|e| format!("exit record: {e}"))?;
+    Ok(())
+}
+
+fn cgroups_path(bundle: &std::path::Path) -> Option<String> {
+    let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    spec["linux"]["cgroupsPath"].as_str().map(|s| s.trim_start_matches('/').to_string())
+}
+
+fn exec(f: &HashMap<String, String>, cmd: Vec<String>) -> i32 {
+    let run = || -> Result<i32, String> {
+        let id = get(f, "id")?;
+        let root = PathBuf::from(get(f, "root")?);
+        if cmd.is_empty() {
+            return Err("no command".into());
+        }
+        let dup = |fd: i32| -> Result<OwnedFd, String> {
+            let n = unsafe { libc::dup(fd) };
+            if n < 0 {
+                return Err(format!("dup {fd}: {}", std::io::Error::last_os_error()));
+            }
+            Ok(unsafe { OwnedFd::from_raw_fd(n) })
+        };
+        let pid = ContainerBuilder::new(id.clone(), SyscallType::default())
+            .with_root_path(&root)
+            .map_err(|e| e.to_string())?
+            .with_stdin(dup(0)?)
+            .with_stdout(dup(1)?)
+            .with_stderr(dup(2)?)
+            .as_tenant()
+            .with_container_args(cmd)
+            .with_detach(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        if let Some(ms) = f.get("timeout-ms").and_then(|v| v.parse::<u64>().ok()) {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            });
+        }
+        let (code, _) = wait_for(pid).map_err(|e| format!("waitpid: {e}"))?;
+        Ok(code)
+    };
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("oxlet-shim exec: {e}");
+            126
+        }
+    }
+}
