@@ -201,6 +201,14 @@ impl Store {
             .open(&lp)
             .map_err(io(&lp))?;
         lock.lock_exclusive().map_err(io(&lp))?;
+        // Scratch files of a plugin killed while it held the lock.
+        if let Ok(rd) = fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".reserve-") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(Self { dir, _lock: lock })
     }
 
@@ -235,23 +243,27 @@ impl Store {
         self.dir.join(ip.to_string())
     }
 
-    /// Creates the file for `ip`; false when it is taken already.
+    /// Creates the file for `ip`; false when it is taken already. The file appears with its
+    /// content (written aside, then hard-linked): a plugin killed midway leaves no empty file.
     pub fn reserve(&self, ip: IpAddr, id: &str, ifname: &str, set: usize) -> Result<bool> {
         let p = self.ip_path(ip);
-        let mut f = match OpenOptions::new()
+        let tmp = self.dir.join(format!(".reserve-{}", std::process::id()));
+        let text = format!("{}{LINE_BREAK}{ifname}", id.trim());
+        let mut f = OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .mode(0o600)
-            .open(&p)
-        {
-            Ok(f) => f,
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+        drop(f);
+        let linked = fs::hard_link(&tmp, &p);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(io(&p)(e)),
-        };
-        let text = format!("{}{LINE_BREAK}{ifname}", id.trim());
-        if let Err(e) = f.write_all(text.as_bytes()) {
-            let _ = fs::remove_file(&p);
-            return Err(io(&p)(e));
         }
         let lp = self.dir.join(format!("last_reserved_ip.{set}"));
         fs::write(&lp, ip.to_string()).map_err(io(&lp))?;

@@ -5,6 +5,7 @@
 use crate::ipam::IpNet;
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 #[derive(Debug, thiserror::Error)]
@@ -109,13 +110,28 @@ pub struct Pending {
 
 /// Starts `nft -f -` with the script on its stdin.
 pub fn spawn(script: String) -> Result<Pending> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(MasqError::Spawn)?;
+    let start = |bin: &str| {
+        let mut c = Command::new(bin);
+        c.args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // Dies with the plugin: a killed ADD leaves no transaction to land after its DEL.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        c.spawn()
+    };
+    // Runtimes may call plugins with a bare environment: fall back to the usual place.
+    let mut child = match start("nft") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => start("/usr/sbin/nft"),
+        r => r,
+    }
+    .map_err(MasqError::Spawn)?;
     let mut stdin = child.stdin.take().expect("piped stdin");
     stdin
         .write_all(script.as_bytes())
