@@ -1,0 +1,326 @@
+//! The REST verbs on resource paths: get, list, create, update, patch, delete,
+//! deletecollection, and the status, scale and binding subresources.
+
+use std::collections::HashMap;
+
+use hyper::{Method, Response};
+use serde_json::{json, Value};
+
+use crate::http::{self, Body, MediaType};
+use crate::patch::{self, PatchType};
+use crate::registry::{meta_str, parse_rv, DeleteOptions, ListOptions, Registry};
+use crate::resources::ResourceType;
+use crate::select::{FieldSelector, LabelSelector};
+use crate::status::{ApiError, ApiResult};
+use crate::table;
+
+/// One request on a resource path, already routed.
+pub struct Call {
+    pub method: Method,
+    pub rt: &'static ResourceType,
+    pub ns: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+    pub query: HashMap<String, String>,
+    pub accept: Vec<MediaType>,
+    pub content_type: String,
+}
+
+impl Call {
+    fn ns(&self) -> Option<&str> {
+        self.ns.as_deref()
+    }
+
+    fn dry_run(&self) -> bool {
+        self.query.get("dryRun").is_some_and(|v| v == "All")
+    }
+
+    /// Answers `obj` as JSON, or as a Table when the client asked for one.
+    fn answer(&self, code: u16, obj: Value) -> Response<Body> {
+        if http::wants_table(&self.accept)
+            && obj.get("kind").and_then(Value::as_str) != Some("Status")
+        {
+            let include = self
+                .query
+                .get("includeObject")
+                .map_or("Metadata", String::as_str);
+            let meta = json!({"resourceVersion": meta_str(&obj, "resourceVersion")});
+            return http::json_response(code, &table::table(self.rt, &[obj], meta, include, true));
+        }
+        http::json_response(code, &obj)
+    }
+}
+
+pub fn list_options(q: &HashMap<String, String>) -> ApiResult<ListOptions> {
+    Ok(ListOptions {
+        labels: LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))?,
+        fields: FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))?,
+        limit: match q.get("limit").map(String::as_str) {
+            None | Some("") => 0,
+            Some(l) => l
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit: {l:?}")))?,
+        },
+        continue_token: q.get("continue").filter(|c| !c.is_empty()).cloned(),
+        resource_version: q.get("resourceVersion").cloned(),
+    })
+}
+
+pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<Body>> {
+    let rt = c.rt;
+    match (&c.method, c.name.as_deref(), c.sub.as_deref()) {
+        (&Method::GET, None, None) => list(reg, &c),
+        (&Method::GET, Some(name), None | Some("status")) => {
+            Ok(c.answer(200, reg.get(rt, c.ns(), name)?))
+        }
+        (&Method::GET, Some(name), Some("scale")) if has_sub(rt, "scale") => Ok(
+            http::json_response(200, &to_scale(&reg.get(rt, c.ns(), name)?)),
+        ),
+        (&Method::POST, None, None) => {
+            let obj = http::parse_object(&c.content_type, body)?;
+            check_kind(rt, &obj)?;
+            let created = reg.create(rt, c.ns(), obj, c.dry_run()).await?;
+            Ok(c.answer(201, created))
+        }
+        (&Method::POST, Some(name), Some("binding")) if rt.kind == "Pod" => {
+            bind(reg, &c, name, body)
+        }
+        (&Method::PUT, Some(name), sub @ (None | Some("status"))) => {
+            let obj = http::parse_object(&c.content_type, body)?;
+            check_kind(rt, &obj)?;
+            let status = sub == Some("status");
+            Ok(c.answer(200, reg.update(rt, c.ns(), name, obj, status, c.dry_run())?))
+        }
+        (&Method::PUT, Some(name), Some("scale")) if has_sub(rt, "scale") => {
+            let scale = http::parse_object(&c.content_type, body)?;
+            Ok(http::json_response(200, &set_scale(reg, &c, name, &scale)?))
+        }
+        (&Method::PATCH, Some(name), sub @ (None | Some("status") | Some("scale"))) => {
+            patch_object(reg, &c, name, sub, body).await
+        }
+        (&Method::DELETE, Some(name), None) => {
+            let opts = delete_options(&c.query, body)?;
+            let out = reg.delete(rt, c.ns(), name, &opts)?;
+            Ok(http::json_response(200, &out))
+        }
+        (&Method::DELETE, None, None) => {
+            let opts = delete_options(&c.query, body)?;
+            let (items, rev, ..) = reg.list(rt, c.ns(), &list_options(&c.query)?)?;
+            let mut deleted = Vec::new();
+            for item in items {
+                let ns = meta_str(&item, "namespace").to_string();
+                let ns = (!ns.is_empty()).then_some(ns);
+                match reg.delete(rt, ns.as_deref(), meta_str(&item, "name"), &opts) {
+                    Ok(_) => deleted.push(item),
+                    Err(e) if e.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let out = json!({"kind": rt.list_kind(), "apiVersion": rt.api_version(),
+                "metadata": {"resourceVersion": rev.to_string()}, "items": deleted});
+            Ok(http::json_response(200, &out))
+        }
+        (_, Some(_), Some(sub)) if has_sub(rt, sub) => Err(ApiError::new(
+            501,
+            "NotImplemented",
+            format!("{}/{sub} is not served by this server yet", rt.plural),
+        )),
+        (_, Some(_), Some(_)) => Err(ApiError::path_not_found()),
+        _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+fn has_sub(rt: &ResourceType, sub: &str) -> bool {
+    rt.subresources.contains(&sub)
+}
+
+fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
+    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+    let av = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if (!kind.is_empty() && kind != rt.kind) || (!av.is_empty() && av != rt.api_version()) {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({av}) does not match the expected API version ({})",
+            rt.api_version()
+        )));
+    }
+    Ok(())
+}
+
+fn list(reg: &Registry, c: &Call) -> ApiResult<Response<Body>> {
+    let opts = list_options(&c.query)?;
+    let (items, rev, token, remaining) = reg.list(c.rt, c.ns(), &opts)?;
+    let mut meta = json!({"resourceVersion": rev.to_string()});
+    if let Some(t) = token {
+        meta["continue"] = json!(t);
+    }
+    if let Some(r) = remaining {
+        meta["remainingItemCount"] = json!(r);
+    }
+    if http::wants_table(&c.accept) {
+        let include = c
+            .query
+            .get("includeObject")
+            .map_or("Metadata", String::as_str);
+        return Ok(http::json_response(
+            200,
+            &table::table(c.rt, &items, meta, include, true),
+        ));
+    }
+    let out = json!({"kind": c.rt.list_kind(), "apiVersion": c.rt.api_version(), "metadata": meta, "items": items});
+    Ok(http::json_response(200, &out))
+}
+
+fn delete_options(q: &HashMap<String, String>, body: &[u8]) -> ApiResult<DeleteOptions> {
+    let b: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+    };
+    let grace = match q.get("gracePeriodSeconds") {
+        Some(g) => Some(
+            g.parse()
+                .map_err(|_| ApiError::bad_request("invalid gracePeriodSeconds"))?,
+        ),
+        None => b["gracePeriodSeconds"].as_i64(),
+    };
+    Ok(DeleteOptions {
+        grace_seconds: grace,
+        expected_rv: parse_rv(
+            b.pointer("/preconditions/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        )?,
+        expected_uid: b
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    })
+}
+
+async fn patch_object(
+    reg: &Registry,
+    c: &Call,
+    name: &str,
+    sub: Option<&str>,
+    body: &[u8],
+) -> ApiResult<Response<Body>> {
+    let rt = c.rt;
+    let kind = PatchType::from_content_type(&c.content_type)?;
+    let p: Value = match kind {
+        PatchType::Apply => http::parse_object("application/yaml", body)?,
+        _ => serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid patch: {e}")))?,
+    };
+    // A patch that names a resourceVersion must match it; others are retried on conflict, as
+    // the real server re-applies patches to the newest version.
+    let pinned = p.pointer("/metadata/resourceVersion").is_some();
+    for _ in 0..5 {
+        let cur = match reg.get(rt, c.ns(), name) {
+            Ok(cur) => cur,
+            Err(e) if e.code == 404 && kind == PatchType::Apply && sub.is_none() => {
+                check_kind(rt, &p)?;
+                let mut obj = p.clone();
+                crate::defaults::metadata(&mut obj).insert("name".into(), json!(name));
+                return Ok(c.answer(201, reg.create(rt, c.ns(), obj, c.dry_run()).await?));
+            }
+            Err(e) => return Err(e),
+        };
+        if sub == Some("scale") {
+            if !has_sub(rt, "scale") {
+                return Err(ApiError::path_not_found());
+            }
+            let mut scale = to_scale(&cur);
+            patch::apply(kind, &mut scale, &p)?;
+            match set_scale(reg, c, name, &scale) {
+                Err(e) if e.code == 409 && !pinned => continue,
+                r => return Ok(http::json_response(200, &r?)),
+            }
+        }
+        let mut doc = cur.clone();
+        patch::apply(kind, &mut doc, &p)?;
+        if kind == PatchType::Apply && !pinned {
+            // Apply is not a conditional write unless the configuration says so.
+            doc["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+        }
+        match reg.update(rt, c.ns(), name, doc, sub == Some("status"), c.dry_run()) {
+            Err(e) if e.code == 409 && !pinned => continue,
+            r => return Ok(c.answer(200, r?)),
+        }
+    }
+    Err(ApiError::conflict(rt, name))
+}
+
+/// The autoscaling/v1 Scale of a deployment or replica set.
+fn to_scale(o: &Value) -> Value {
+    let sel = crate::select::LabelSelector::from_object(
+        o.pointer("/spec/selector").unwrap_or(&Value::Null),
+    );
+    let m = &o["metadata"];
+    json!({"kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
+            "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
+        "spec": {"replicas": o.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {"replicas": o.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": sel.render()}})
+}
+
+fn set_scale(reg: &Registry, c: &Call, name: &str, scale: &Value) -> ApiResult<Value> {
+    let rt = c.rt;
+    let replicas = scale
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                rt,
+                name,
+                vec![crate::status::Cause::required("spec.replicas")],
+            )
+        })?;
+    let mut cur = reg.get(rt, c.ns(), name)?;
+    let rv = meta_str(scale, "resourceVersion");
+    if !rv.is_empty() {
+        cur["metadata"]["resourceVersion"] = json!(rv);
+    }
+    cur["spec"]["replicas"] = json!(replicas);
+    let updated = reg.update(rt, c.ns(), name, cur, false, c.dry_run())?;
+    Ok(to_scale(&updated))
+}
+
+fn bind(reg: &Registry, c: &Call, name: &str, body: &[u8]) -> ApiResult<Response<Body>> {
+    let rt = c.rt;
+    let b = http::parse_object(&c.content_type, body)?;
+    let node = b
+        .pointer("/target/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if node.is_empty() {
+        return Err(ApiError::invalid(
+            rt,
+            name,
+            vec![crate::status::Cause::required("target.name")],
+        ));
+    }
+    for _ in 0..5 {
+        let mut pod = reg.get(rt, c.ns(), name)?;
+        let cur = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !cur.is_empty() {
+            return Err(ApiError::new(409, "Conflict", format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{cur}\"")));
+        }
+        pod["spec"]["nodeName"] = json!(node);
+        match reg.update(rt, c.ns(), name, pod, false, c.dry_run()) {
+            Err(e) if e.code == 409 => continue,
+            r => {
+                r?;
+                return Ok(http::json_response(
+                    201,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}),
+                ));
+            }
+        }
+    }
+    Err(ApiError::conflict(rt, name))
+}

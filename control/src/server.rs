@@ -1,0 +1,369 @@
+//! The HTTPS API server: TLS with client-certificate authentication, routing of the API paths.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::certs::{self, Identity, Pki};
+use crate::http::{self, Body};
+use crate::registry::Registry;
+use crate::rest::{self, Call};
+use crate::status::ApiError;
+use crate::store::Store;
+use crate::{discovery, openapi, resources, watch, Error};
+
+/// How `oxlet up` runs the control plane.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Where the admin kubeconfig is written.
+    pub kubeconfig: PathBuf,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([0, 0, 0, 0], 6443)),
+            kubeconfig: PathBuf::from("/etc/oxlet/admin.kubeconfig"),
+        }
+    }
+}
+
+struct State {
+    reg: Registry,
+    server_url: String,
+}
+
+/// A running server; dropping it does not stop it, `stop` does.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub kubeconfig: PathBuf,
+    pub registry: Registry,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Opens the store, ensures certificates and kubeconfigs, binds and serves in the background.
+pub async fn start(cfg: Config) -> Result<Server, Error> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| Error::Io {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let store = Store::open(&cfg.data_dir.join("state.db"))?;
+    let reg = Registry::new(store);
+    crate::namespaces::bootstrap(&reg).await?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| Error::Io {
+            path: PathBuf::from(cfg.listen.to_string()),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Io {
+        path: PathBuf::from(cfg.listen.to_string()),
+        source,
+    })?;
+    let host = hostname();
+    let mut sans: Vec<String> = [
+        "127.0.0.1",
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+        "10.96.0.1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    sans.push(host.clone());
+    if !addr.ip().is_unspecified() && !sans.contains(&addr.ip().to_string()) {
+        sans.push(addr.ip().to_string());
+    }
+    let pki = Pki::new(&cfg.data_dir);
+    pki.ensure(&sans)?;
+    if !pki.dir.join("node.crt").exists() {
+        pki.issue_client("node", &format!("system:node:{host}"), &["system:nodes"])?;
+    }
+    let url_ip = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let server_url = format!("https://{url_ip}:{}", addr.port());
+    pki.write_kubeconfig("admin", "admin", &server_url, &cfg.kubeconfig)?;
+    pki.write_kubeconfig(
+        "node",
+        &format!("system:node:{host}"),
+        &server_url,
+        &cfg.data_dir.join("node.kubeconfig"),
+    )?;
+    let acceptor = TlsAcceptor::from(pki.server_config()?);
+    let state = Arc::new(State {
+        reg: reg.clone(),
+        server_url,
+    });
+    info!(%addr, kubeconfig = %cfg.kubeconfig.display(), "API server listening");
+    let serve = tokio::spawn(accept_loop(listener, acceptor, state));
+    let ns = tokio::spawn(crate::namespaces::run(reg.clone()));
+    let gc = tokio::spawn(crate::gc::run(reg.clone()));
+    let compact = tokio::spawn(compactor(reg.store.clone()));
+    Ok(Server {
+        addr,
+        kubeconfig: cfg.kubeconfig,
+        registry: reg,
+        tasks: vec![serve, ns, gc, compact],
+    })
+}
+
+/// Keeps the last revisions, like kine: watches may resume within them.
+async fn compactor(store: Store) {
+    const KEEP: i64 = 1000;
+    let mut tick = tokio::time::interval(Duration::from_secs(300));
+    loop {
+        tick.tick().await;
+        let store = store.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let cur = store.current_rev()?;
+            store.compact(cur - KEEP)
+        })
+        .await;
+        match r {
+            Ok(Ok(n)) if n > 0 => debug!(removed = n, "compacted"),
+            Ok(Err(e)) => warn!("compaction: {e}"),
+            _ => {}
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<State>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(tcp).await {
+                Ok(t) => t,
+                Err(e) => {
+                    debug!(%peer, "TLS handshake: {e}");
+                    return;
+                }
+            };
+            let id = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| certs::identity(c));
+            let svc = hyper::service::service_fn(move |req| {
+                let (state, id) = (state.clone(), id.clone());
+                async move { Ok::<_, Infallible>(route(&state, id.as_ref(), req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                .await
+            {
+                debug!(%peer, "connection: {e}");
+            }
+        });
+    }
+}
+
+fn version() -> serde_json::Value {
+    json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-oxlet", "gitCommit": "", "gitTreeState": "clean",
+        "buildDate": "2026-01-01T00:00:00Z", "goVersion": "", "compiler": "rustc", "platform": "linux/amd64"})
+}
+
+async fn route(state: &State, id: Option<&Identity>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = match dispatch(state, id, req).await {
+        Ok(r) => r,
+        Err(e) => http::error_response(&e),
+    };
+    debug!(%method, path, status = resp.status().as_u16(), user = id.map(|i| i.user.as_str()), "request");
+    resp
+}
+
+async fn dispatch(
+    state: &State,
+    id: Option<&Identity>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let public = matches!(
+        segs.as_slice(),
+        ["healthz" | "livez" | "readyz" | "version", ..]
+    );
+    if id.is_none() && !public {
+        return Err(ApiError::unauthorized());
+    }
+    let accept = http::parse_accept(
+        req.headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let is_get = req.method() == Method::GET;
+    match segs.as_slice() {
+        ["healthz" | "livez" | "readyz", ..] => return Ok(http::text_response(200, "ok")),
+        ["version"] => return Ok(http::json_response(200, &version())),
+        ["api"] if is_get => {
+            if let Some((v, ct)) = discovery::aggregated_choice(&accept) {
+                return Ok(http::typed_response(
+                    200,
+                    &ct,
+                    &discovery::aggregated(true, v),
+                ));
+            }
+            return Ok(http::json_response(
+                200,
+                &discovery::api_versions(&state.server_url),
+            ));
+        }
+        ["apis"] if is_get => {
+            if let Some((v, ct)) = discovery::aggregated_choice(&accept) {
+                return Ok(http::typed_response(
+                    200,
+                    &ct,
+                    &discovery::aggregated(false, v),
+                ));
+            }
+            return Ok(http::json_response(200, &discovery::api_group_list()));
+        }
+        ["apis", g] if is_get => {
+            return discovery::api_group(g)
+                .map(|v| http::json_response(200, &v))
+                .ok_or_else(ApiError::path_not_found);
+        }
+        ["api", v] | ["apis", _, v] if is_get && segs.len() == 2 + (segs[0] == "apis") as usize => {
+            let g = if segs[0] == "apis" { segs[1] } else { "" };
+            return discovery::resource_list(g, v)
+                .map(|v| http::json_response(200, &v))
+                .ok_or_else(ApiError::path_not_found);
+        }
+        ["openapi", "v2"] | ["swagger-2.0.0.pb-v1"] => {
+            return Ok(Response::builder()
+                .header(header::CONTENT_TYPE, openapi::V2_PROTOBUF_TYPE)
+                .body(http::full(openapi::v2_protobuf()))
+                .expect("valid response"));
+        }
+        ["openapi", "v3"] => return Ok(http::json_response(200, &openapi::root())),
+        ["openapi", "v3", rest @ ..] => {
+            return openapi::group_version(&rest.join("/"))
+                .map(|v| http::json_response(200, &v))
+                .ok_or_else(ApiError::path_not_found);
+        }
+        _ => {}
+    }
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Err(ApiError::path_not_found()),
+    };
+    let namespaced_path = rest.len() >= 3
+        && rest[0] == "namespaces"
+        && resources::find(group, version, rest[2]).is_some_and(|t| t.namespaced);
+    let (ns, plural, name, sub) = if namespaced_path {
+        (
+            Some(rest[1]),
+            rest[2],
+            rest.get(3).copied(),
+            rest.get(4).copied(),
+        )
+    } else if let Some(p) = rest.first() {
+        (None, *p, rest.get(1).copied(), rest.get(2).copied())
+    } else {
+        return Err(ApiError::path_not_found());
+    };
+    if rest.len() > if namespaced_path { 5 } else { 3 } {
+        return Err(ApiError::path_not_found());
+    }
+    let rt = resources::find(group, version, plural).ok_or_else(ApiError::path_not_found)?;
+    if rt.namespaced && ns.is_none() && name.is_some() {
+        // A namespaced object needs its namespace in the path.
+        return Err(ApiError::path_not_found());
+    }
+    let query = http::parse_query(req.uri().query());
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let call = Call {
+        method: req.method().clone(),
+        rt,
+        ns: ns.map(str::to_string),
+        name: name.map(str::to_string),
+        sub: sub.map(str::to_string),
+        query,
+        accept,
+        content_type,
+    };
+    if call.method == Method::GET && call.name.is_none() && http::flag(&call.query, "watch") {
+        return watch::watch(&state.reg, call);
+    }
+    let body = http::read_body(req.into_body()).await?;
+    rest::handle(&state.reg, call, &body).await
+}
+
+/// Runs the control plane until SIGINT or SIGTERM (the `oxlet up` command).
+pub fn up(cfg: Config) -> Result<(), Error> {
+    let rt = tokio::runtime::Runtime::new().map_err(|source| Error::Io {
+        path: PathBuf::from("tokio runtime"),
+        source,
+    })?;
+    rt.block_on(async {
+        let server = start(cfg).await?;
+        eprintln!(
+            "oxlet API server on https://{} (kubeconfig {})",
+            server.addr,
+            server.kubeconfig.display()
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|source| Error::Io {
+                path: PathBuf::from("signal"),
+                source,
+            })?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        server.stop();
+        Ok(())
+    })
+}
