@@ -66,14 +66,31 @@ impl ContainerResources {
     pub fn from_container(c: &Container) -> Result<Self> {
         let res = c.resources.as_ref();
         let get = |which: &str, key: &str| {
-            res.and_then(|r| if which == "l" { r.limits.as_ref() } else { r.requests.as_ref() })
-                .and_then(|m| m.get(key))
+            res.and_then(|r| {
+                if which == "l" {
+                    r.limits.as_ref()
+                } else {
+                    r.requests.as_ref()
+                }
+            })
+            .and_then(|m| m.get(key))
         };
         let cpu_limit_milli = get("l", "cpu").map(cpu_milli).transpose()?;
         let memory_limit = get("l", "memory").map(memory_bytes).transpose()?;
-        let cpu_request_milli = get("r", "cpu").map(cpu_milli).transpose()?.or(cpu_limit_milli);
-        let memory_request = get("r", "memory").map(memory_bytes).transpose()?.or(memory_limit);
-        Ok(Self { cpu_request_milli, cpu_limit_milli, memory_request, memory_limit })
+        let cpu_request_milli = get("r", "cpu")
+            .map(cpu_milli)
+            .transpose()?
+            .or(cpu_limit_milli);
+        let memory_request = get("r", "memory")
+            .map(memory_bytes)
+            .transpose()?
+            .or(memory_limit);
+        Ok(Self {
+            cpu_request_milli,
+            cpu_limit_milli,
+            memory_request,
+            memory_limit,
+        })
     }
 
     /// cpu.shares as kubelet computes it: millicores * 1024 / 1000, at least 2.
@@ -205,7 +222,10 @@ pub fn ensure_pod_cgroup(spec: &PodSpec, pod_uid: &str) -> Result<String> {
                 .done(),
         )?;
     } else if qos == QosClass::Burstable {
-        build("kubepods/burstable", CgroupBuilder::new("kubepods/burstable"))?;
+        build(
+            "kubepods/burstable",
+            CgroupBuilder::new("kubepods/burstable"),
+        )?;
     }
     let (shares, quota, memory) = pod_resources(spec)?;
     let mut b = CgroupBuilder::new(&path).cpu().shares(shares);
@@ -221,10 +241,11 @@ pub fn ensure_pod_cgroup(spec: &PodSpec, pod_uid: &str) -> Result<String> {
 }
 
 fn build(path: &str, b: CgroupBuilder) -> Result<Cgroup> {
-    b.build(hierarchies::auto()).map_err(|source| Error::Cgroup {
-        path: path.to_string(),
-        source,
-    })
+    b.build(hierarchies::auto())
+        .map_err(|source| Error::Cgroup {
+            path: path.to_string(),
+            source,
+        })
 }
 
 /// Removes a cgroup and everything left below it (leaf first), in every hierarchy.
@@ -240,7 +261,10 @@ pub fn remove_cgroup(path: &str) -> Result<()> {
 }
 
 fn remove_tree(dir: &Path) -> Result<()> {
-    let io = |source| Error::Io { path: dir.to_path_buf(), source };
+    let io = |source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
         if entry.file_type().map_err(io)?.is_dir() {
@@ -317,7 +341,10 @@ pub fn usage(path: &str) -> Usage {
     let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
     let field = |text: &str, key: &str| {
         text.lines()
-            .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse::<u64>().ok()))
+            .find_map(|l| {
+                l.strip_prefix(key)
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
             .unwrap_or(0)
     };
     if is_v2() {
@@ -337,7 +364,10 @@ pub fn usage(path: &str) -> Usage {
             .parse()
             .unwrap_or(0);
         let mem = controller_dir("memory", path);
-        let current: u64 = read(mem.join("memory.usage_in_bytes")).trim().parse().unwrap_or(0);
+        let current: u64 = read(mem.join("memory.usage_in_bytes"))
+            .trim()
+            .parse()
+            .unwrap_or(0);
         let inactive = field(&read(mem.join("memory.stat")), "total_inactive_file ");
         let oom = field(&read(mem.join("memory.oom_control")), "oom_kill ");
         Usage {
@@ -374,7 +404,10 @@ mod tests {
     }
 
     fn pod(cs: Vec<Container>) -> PodSpec {
-        PodSpec { containers: cs, ..Default::default() }
+        PodSpec {
+            containers: cs,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -390,18 +423,28 @@ mod tests {
 
     #[test]
     fn qos_classes() {
-        assert_eq!(qos_class(&pod(vec![container(&[], &[])])).unwrap(), QosClass::BestEffort);
+        assert_eq!(
+            qos_class(&pod(vec![container(&[], &[])])).unwrap(),
+            QosClass::BestEffort
+        );
         let g = container(&[], &[("cpu", "500m"), ("memory", "64Mi")]);
-        assert_eq!(qos_class(&pod(vec![g.clone()])).unwrap(), QosClass::Guaranteed);
+        assert_eq!(
+            qos_class(&pod(vec![g.clone()])).unwrap(),
+            QosClass::Guaranteed
+        );
         let b = container(&[("cpu", "100m")], &[("cpu", "500m"), ("memory", "64Mi")]);
         assert_eq!(qos_class(&pod(vec![b])).unwrap(), QosClass::Burstable);
-        assert_eq!(qos_class(&pod(vec![g, container(&[], &[])])).unwrap(), QosClass::Burstable);
+        assert_eq!(
+            qos_class(&pod(vec![g, container(&[], &[])])).unwrap(),
+            QosClass::Burstable
+        );
     }
 
     #[test]
     fn shares_and_quota() {
-        let r = ContainerResources::from_container(&container(&[("cpu", "250m")], &[("cpu", "1500m")]))
-            .unwrap();
+        let r =
+            ContainerResources::from_container(&container(&[("cpu", "250m")], &[("cpu", "1500m")]))
+                .unwrap();
         assert_eq!(r.cpu_shares(), 256);
         assert_eq!(r.cpu_quota_us(), Some(150_000));
         assert_eq!(ContainerResources::default().cpu_shares(), 2);
@@ -415,7 +458,13 @@ mod tests {
 
     #[test]
     fn pod_paths() {
-        assert_eq!(pod_cgroup_path(QosClass::Guaranteed, "a-b"), "kubepods/poda-b");
-        assert_eq!(pod_cgroup_path(QosClass::BestEffort, "x"), "kubepods/besteffort/podx");
+        assert_eq!(
+            pod_cgroup_path(QosClass::Guaranteed, "a-b"),
+            "kubepods/poda-b"
+        );
+        assert_eq!(
+            pod_cgroup_path(QosClass::BestEffort, "x"),
+            "kubepods/besteffort/podx"
+        );
     }
 }

@@ -97,7 +97,9 @@ impl ExitInfo {
 pub enum State {
     /// Created, waiting to be started.
     Created,
-    Running { pid: i32 },
+    Running {
+        pid: i32,
+    },
     Exited(ExitInfo),
 }
 
@@ -106,8 +108,11 @@ pub fn valid_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    ok.then_some(()).ok_or_else(|| Error::InvalidId(id.to_string()))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    ok.then_some(())
+        .ok_or_else(|| Error::InvalidId(id.to_string()))
 }
 
 fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -161,13 +166,21 @@ pub fn create(paths: &Paths, id: &str, log: &LogOptions) -> Result<()> {
     // The shim forks away at once, so this wait only reaps the first process.
     let _ = child.wait();
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).map_err(io_err(id, "shim report"))?;
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(io_err(id, "shim report"))?;
     match line.trim().split_once(' ') {
         Some(("ok", _pid)) => Ok(()),
-        Some(("error", msg)) => Err(Error::Shim { id: id.into(), message: msg.to_string() }),
+        Some(("error", msg)) => Err(Error::Shim {
+            id: id.into(),
+            message: msg.to_string(),
+        }),
         _ => {
             let log = std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default();
-            Err(Error::Shim { id: id.into(), message: format!("no report; shim log: {}", log.trim()) })
+            Err(Error::Shim {
+                id: id.into(),
+                message: format!("no report; shim log: {}", log.trim()),
+            })
         }
     }
 }
@@ -213,9 +226,9 @@ pub fn state(paths: &Paths, id: &str) -> Result<State> {
     match load(paths, id) {
         Ok(c) => Ok(match c.status() {
             ContainerStatus::Created | ContainerStatus::Creating => State::Created,
-            ContainerStatus::Running | ContainerStatus::Paused => {
-                State::Running { pid: c.pid().map(|p| p.as_raw()).unwrap_or(0) }
-            }
+            ContainerStatus::Running | ContainerStatus::Paused => State::Running {
+                pid: c.pid().map(|p| p.as_raw()).unwrap_or(0),
+            },
             // Stopped but the shim has not written its record yet (or was killed).
             ContainerStatus::Stopped => State::Exited(
                 wait_exit_info(paths, id, Duration::from_secs(2)).unwrap_or(ExitInfo {
@@ -268,10 +281,12 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
     }
     let mut c = match load(paths, id) {
         Ok(c) => c,
-        Err(Error::NotFound(_)) => return state(paths, id).map(|s| match s {
-            State::Exited(e) => e,
-            _ => unreachable!("no libcontainer state means exited"),
-        }),
+        Err(Error::NotFound(_)) => {
+            return state(paths, id).map(|s| match s {
+                State::Exited(e) => e,
+                _ => unreachable!("no libcontainer state means exited"),
+            })
+        }
         Err(e) => return Err(e),
     };
     if c.status() == ContainerStatus::Created {
@@ -325,9 +340,18 @@ pub fn list(paths: &Paths) -> Vec<String> {
 
 /// A command that runs `args` inside the running container through the shim; the caller picks
 /// its stdio and gets the process's exit code as the command's (128+N for signal N).
-pub fn exec_command(paths: &Paths, id: &str, args: &[String], timeout: Option<Duration>) -> Command {
+pub fn exec_command(
+    paths: &Paths,
+    id: &str,
+    args: &[String],
+    timeout: Option<Duration>,
+) -> Command {
     let mut cmd = Command::new(&paths.shim);
-    cmd.arg("exec").arg("--id").arg(id).arg("--root").arg(&paths.state_root);
+    cmd.arg("exec")
+        .arg("--id")
+        .arg(id)
+        .arg("--root")
+        .arg(&paths.state_root);
     if let Some(t) = timeout {
         cmd.arg("--timeout-ms").arg(t.as_millis().to_string());
     }
@@ -344,9 +368,17 @@ pub struct ExecOutput {
 }
 
 /// Runs `args` in the container and collects its output (exec probes, tests).
-pub fn exec(paths: &Paths, id: &str, args: &[String], timeout: Option<Duration>) -> Result<ExecOutput> {
+pub fn exec(
+    paths: &Paths,
+    id: &str,
+    args: &[String],
+    timeout: Option<Duration>,
+) -> Result<ExecOutput> {
     if !matches!(state(paths, id)?, State::Running { .. }) {
-        return Err(Error::Shim { id: id.into(), message: "container is not running".into() });
+        return Err(Error::Shim {
+            id: id.into(),
+            message: "container is not running".into(),
+        });
     }
     let out = exec_command(paths, id, args, timeout)
         .stdin(Stdio::null())
@@ -371,7 +403,13 @@ pub fn exit_code(status: WaitStatus) -> Option<(i32, Option<i32>)> {
 /// Creates, starts and waits for a container in this process, with its output on `stdout` and
 /// `stderr`, then deletes it (`oxlet run`). Returns the exit code. Call it from a process with a
 /// single thread: libcontainer forks.
-pub fn run_foreground(state_root: &Path, id: &str, bundle: &Path, stdout: OwnedFd, stderr: OwnedFd) -> Result<i32> {
+pub fn run_foreground(
+    state_root: &Path,
+    id: &str,
+    bundle: &Path,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<i32> {
     valid_id(id)?;
     std::fs::create_dir_all(state_root).map_err(io_err(id, "state root"))?;
     let mut c = ContainerBuilder::new(id.to_string(), SyscallType::default())
@@ -386,8 +424,15 @@ pub fn run_foreground(state_root: &Path, id: &str, bundle: &Path, stdout: OwnedF
         .map_err(lc_err(id))?;
     let result = (|| {
         c.start().map_err(lc_err(id))?;
-        let pid = c.pid().ok_or_else(|| Error::Shim { id: id.into(), message: "no pid".into() })?;
-        wait_for(pid).map_err(|source| Error::Sys { id: id.into(), what: "waitpid".into(), source })
+        let pid = c.pid().ok_or_else(|| Error::Shim {
+            id: id.into(),
+            message: "no pid".into(),
+        })?;
+        wait_for(pid).map_err(|source| Error::Sys {
+            id: id.into(),
+            what: "waitpid".into(),
+            source,
+        })
     })();
     let deleted = c.delete(true).map_err(lc_err(id));
     let code = result?;

@@ -79,14 +79,21 @@ impl CriLog {
             let _ = std::fs::rename(name(n), name(n + 1));
         }
         std::fs::rename(&self.path, name(1))?;
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.size = 0;
         Ok(())
     }
 }
 
 /// Copies a container's output stream into the log until EOF, one record per line.
-pub fn copy_stream(mut reader: impl Read, stream: Stream, log: Arc<Mutex<CriLog>>) -> io::Result<()> {
+pub fn copy_stream(
+    mut reader: impl Read,
+    stream: Stream,
+    log: Arc<Mutex<CriLog>>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     loop {
@@ -156,7 +163,12 @@ pub fn parse_record(line: &[u8]) -> Option<Record> {
         _ => return None,
     };
     let message = parts.next().unwrap_or_default().to_vec();
-    Some(Record { timestamp, stream, partial, message })
+    Some(Record {
+        timestamp,
+        stream,
+        partial,
+        message,
+    })
 }
 
 /// Reads a log file back into the text a user sees (`kubectl logs`): partial records joined.
@@ -187,9 +199,22 @@ mod tests {
         input.extend_from_slice(b"\ntail");
         copy_stream(&input[..], Stream::Stderr, log).unwrap();
         let raw = std::fs::read(&path).unwrap();
-        let recs: Vec<Record> = raw.split(|&b| b == b'\n').filter_map(parse_record).collect();
+        let recs: Vec<Record> = raw
+            .split(|&b| b == b'\n')
+            .filter_map(parse_record)
+            .collect();
         let kinds: Vec<(usize, bool)> = recs.iter().map(|r| (r.message.len(), r.partial)).collect();
-        assert_eq!(kinds, [(5, false), (0, false), (5, false), (MAX_LINE, true), (10, false), (4, false)]);
+        assert_eq!(
+            kinds,
+            [
+                (5, false),
+                (0, false),
+                (5, false),
+                (MAX_LINE, true),
+                (10, false),
+                (4, false)
+            ]
+        );
         assert_eq!(recs[0].stream, Stream::Stderr);
         assert!(chrono::DateTime::parse_from_rfc3339(&recs[0].timestamp).is_ok());
         let text = read_text(&path).unwrap();

@@ -57,7 +57,12 @@ impl Sandbox {
         let dir = root.join(id);
         let host_network = !dir.join("ns/net").exists();
         let host_ipc = !dir.join("ns/ipc").exists();
-        Ok(Self { id: id.to_string(), dir, host_network, host_ipc })
+        Ok(Self {
+            id: id.to_string(),
+            dir,
+            host_network,
+            host_ipc,
+        })
     }
 
     /// The path of the pod network namespace (CNI_NETNS), `None` for hostNetwork pods.
@@ -66,11 +71,21 @@ impl Sandbox {
     }
 
     pub fn namespaces(&self) -> Namespaces {
-        let ns = |host: bool, name: &str| if host { Ns::Host } else { Ns::Path(self.dir.join("ns").join(name)) };
+        let ns = |host: bool, name: &str| {
+            if host {
+                Ns::Host
+            } else {
+                Ns::Path(self.dir.join("ns").join(name))
+            }
+        };
         Namespaces {
             network: ns(self.host_network, "net"),
             ipc: ns(self.host_ipc, "ipc"),
-            uts: if self.host_network { Ns::Host } else { Ns::Path(self.dir.join("ns/uts")) },
+            uts: if self.host_network {
+                Ns::Host
+            } else {
+                Ns::Path(self.dir.join("ns/uts"))
+            },
         }
     }
 
@@ -93,7 +108,12 @@ impl Sandbox {
     }
 
     /// Rewrites /etc/hosts with the pod IP once the network is set up, as kubelet does.
-    pub fn write_hosts(&self, hostname: &str, pod_ip: Option<&str>, aliases: &[String]) -> Result<()> {
+    pub fn write_hosts(
+        &self,
+        hostname: &str,
+        pod_ip: Option<&str>,
+        aliases: &[String],
+    ) -> Result<()> {
         let mut hosts = String::from(
             "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
              fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
@@ -113,14 +133,20 @@ impl Sandbox {
         let tmp = self.dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, data)
             .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|source| Error::Io { id: self.id.clone(), path, source })
+            .map_err(|source| Error::Io {
+                id: self.id.clone(),
+                path,
+                source,
+            })
     }
 }
 
 fn valid_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 128
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !id.starts_with('.');
     if ok {
         Ok(())
@@ -188,14 +214,24 @@ fn build(sb: &Sandbox, cfg: &SandboxConfig) -> Result<()> {
             }
             for name in names {
                 let src = format!("/proc/thread-self/ns/{name}");
-                mount(Some(src.as_str()), &ns_dir2.join(name), None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                    .map_err(|e| (format!("bind {src}"), e))?;
+                mount(
+                    Some(src.as_str()),
+                    &ns_dir2.join(name),
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| (format!("bind {src}"), e))?;
             }
             Ok(())
         })
         .join()
         .expect("namespace thread panicked")
-        .map_err(|(what, source)| Error::Sys { id: sb.id.clone(), what, source })?;
+        .map_err(|(what, source)| Error::Sys {
+            id: sb.id.clone(),
+            what,
+            source,
+        })?;
     }
     if !cfg.host_ipc {
         let shm = sb.dir.join("shm");
@@ -207,10 +243,17 @@ fn build(sb: &Sandbox, cfg: &SandboxConfig) -> Result<()> {
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
             Some("mode=1777,size=65536k"),
         )
-        .map_err(|source| Error::Sys { id: sb.id.clone(), what: "mount shm".into(), source })?;
+        .map_err(|source| Error::Sys {
+            id: sb.id.clone(),
+            what: "mount shm".into(),
+            source,
+        })?;
     }
     let hostname = if cfg.host_network {
-        nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
     } else {
         cfg.hostname.clone()
     };
@@ -236,10 +279,20 @@ pub fn remove(root: &Path, id: &str) -> Result<()> {
         let path = dir.join(p);
         match umount2(&path, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-            Err(source) => return Err(Error::Sys { id: id.into(), what: format!("umount {p}"), source }),
+            Err(source) => {
+                return Err(Error::Sys {
+                    id: id.into(),
+                    what: format!("umount {p}"),
+                    source,
+                })
+            }
         }
     }
-    std::fs::remove_dir_all(&dir).map_err(|source| Error::Io { id: id.into(), path: dir, source })
+    std::fs::remove_dir_all(&dir).map_err(|source| Error::Io {
+        id: id.into(),
+        path: dir,
+        source,
+    })
 }
 
 /// Ids of the sandboxes present under `root` (for recovery after a restart).

@@ -95,9 +95,16 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
     let bundle = PathBuf::from(get(f, "bundle")?);
     let root = PathBuf::from(get(f, "root")?);
     let log_path = PathBuf::from(get(f, "log")?);
-    let max_size = f.get("log-max-size").and_then(|v| v.parse().ok()).unwrap_or(crate::log::DEFAULT_MAX_SIZE);
-    let max_files = f.get("log-max-files").and_then(|v| v.parse().ok()).unwrap_or(crate::log::DEFAULT_MAX_FILES);
-    let log = CriLog::open(&log_path, max_size, max_files).map_err(|e| format!("log {}: {e}", log_path.display()))?;
+    let max_size = f
+        .get("log-max-size")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(crate::log::DEFAULT_MAX_SIZE);
+    let max_files = f
+        .get("log-max-files")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(crate::log::DEFAULT_MAX_FILES);
+    let log = CriLog::open(&log_path, max_size, max_files)
+        .map_err(|e| format!("log {}: {e}", log_path.display()))?;
     let log = Arc::new(Mutex::new(log));
     let (out_r, out_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
     let (err_r, err_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
@@ -138,7 +145,9 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
         .collect();
     report(&format!("ok {pid}"));
     let (code, signal) = wait_for(pid).map_err(|e| format!("waitpid: {e}"))?;
-    let oom_killed = cgroup.as_deref().is_some_and(|p| crate::cgroup::usage(p).oom_kills > 0);
+    let oom_killed = cgroup
+        .as_deref()
+        .is_some_and(|p| crate::cgroup::usage(p).oom_kills > 0);
     // Output still buffered in the pipes belongs before the exit record; a daemon left holding
     // the pipe must not keep the record from being written.
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
@@ -161,8 +170,11 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
 }
 
 fn cgroups_path(bundle: &std::path::Path) -> Option<String> {
-    let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
-    spec["linux"]["cgroupsPath"].as_str().map(|s| s.trim_start_matches('/').to_string())
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    spec["linux"]["cgroupsPath"]
+        .as_str()
+        .map(|s| s.trim_start_matches('/').to_string())
 }
 
 fn exec(f: &HashMap<String, String>, cmd: Vec<String>) -> i32 {

@@ -214,7 +214,13 @@ pub fn environment(input: &SpecInput) -> Vec<String> {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         );
     }
-    for kv in input.image.config().as_ref().and_then(|c| c.env().clone()).unwrap_or_default() {
+    for kv in input
+        .image
+        .config()
+        .as_ref()
+        .and_then(|c| c.env().clone())
+        .unwrap_or_default()
+    {
         let (k, v) = kv.split_once('=').unwrap_or((&kv, ""));
         set(k.to_string(), v.to_string());
     }
@@ -237,7 +243,12 @@ pub fn environment(input: &SpecInput) -> Vec<String> {
 pub fn resolve_user(input: &SpecInput) -> Result<(u32, u32, Vec<u32>)> {
     let sc = input.container.security_context.as_ref();
     let psc = input.pod_security;
-    let image_user = input.image.config().as_ref().and_then(|c| c.user().clone()).unwrap_or_default();
+    let image_user = input
+        .image
+        .config()
+        .as_ref()
+        .and_then(|c| c.user().clone())
+        .unwrap_or_default();
     let (image_uid, image_gid) = match image_user.split_once(':') {
         Some((u, g)) => (u.to_string(), Some(g.to_string())),
         None => (image_user.clone(), None),
@@ -250,7 +261,9 @@ pub fn resolve_user(input: &SpecInput) -> Result<(u32, u32, Vec<u32>)> {
             (f.len() > col && (f[0] == name || f[2] == name)).then(|| f[col].parse().ok())?
         })
     };
-    let explicit_uid = sc.and_then(|s| s.run_as_user).or(psc.and_then(|p| p.run_as_user));
+    let explicit_uid = sc
+        .and_then(|s| s.run_as_user)
+        .or(psc.and_then(|p| p.run_as_user));
     let (uid, user_name) = match explicit_uid {
         Some(u) => (u as u32, None),
         None if image_uid.is_empty() => (0, Some("root".to_string())),
@@ -258,23 +271,32 @@ pub fn resolve_user(input: &SpecInput) -> Result<(u32, u32, Vec<u32>)> {
             Ok(u) => (u, None),
             Err(_) => (
                 find(&passwd, &image_uid, 2).ok_or_else(|| {
-                    Error::Config(format!("unable to find user {image_uid}: no matching entries in passwd file"))
+                    Error::Config(format!(
+                        "unable to find user {image_uid}: no matching entries in passwd file"
+                    ))
                 })?,
                 Some(image_uid.clone()),
             ),
         },
     };
-    let explicit_gid = sc.and_then(|s| s.run_as_group).or(psc.and_then(|p| p.run_as_group));
+    let explicit_gid = sc
+        .and_then(|s| s.run_as_group)
+        .or(psc.and_then(|p| p.run_as_group));
     let gid = match (explicit_gid, &image_gid) {
         (Some(g), _) => g as u32,
         (None, Some(g)) => match g.parse::<u32>() {
             Ok(g) => g,
-            Err(_) => find(&group, g, 2)
-                .ok_or_else(|| Error::Config(format!("unable to find group {g}: no matching entries in group file")))?,
+            Err(_) => find(&group, g, 2).ok_or_else(|| {
+                Error::Config(format!(
+                    "unable to find group {g}: no matching entries in group file"
+                ))
+            })?,
         },
         (None, None) => find(&passwd, &uid.to_string(), 3).unwrap_or(0),
     };
-    let non_root = sc.and_then(|s| s.run_as_non_root).or(psc.and_then(|p| p.run_as_non_root));
+    let non_root = sc
+        .and_then(|s| s.run_as_non_root)
+        .or(psc.and_then(|p| p.run_as_non_root));
     if non_root == Some(true) && uid == 0 {
         return Err(Error::Config(
             "container has runAsNonRoot and image will run as root".into(),
@@ -315,8 +337,18 @@ pub fn capabilities(sc: Option<&SecurityContext>) -> Result<Vec<String>> {
         }
     };
     let caps = sc.and_then(|s| s.capabilities.as_ref());
-    let add: Vec<String> = caps.and_then(|c| c.add.clone()).unwrap_or_default().iter().map(|c| norm(c)).collect();
-    let drop: Vec<String> = caps.and_then(|c| c.drop.clone()).unwrap_or_default().iter().map(|c| norm(c)).collect();
+    let add: Vec<String> = caps
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| norm(c))
+        .collect();
+    let drop: Vec<String> = caps
+        .and_then(|c| c.drop.clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| norm(c))
+        .collect();
     let all: Vec<String> = caps::all().iter().map(|c| c.to_string()).collect();
     for c in add.iter().chain(drop.iter()) {
         if c != "ALL" && c.parse::<caps::Capability>().is_err() {
@@ -383,7 +415,9 @@ fn default_mounts(privileged: bool, host_network: bool) -> Vec<Value> {
     if host_network {
         mounts.push(json!({"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}));
     } else {
-        mounts.push(json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_opts}));
+        mounts.push(
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": sys_opts}),
+        );
         mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
     }
     mounts
@@ -408,7 +442,13 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
         .working_dir
         .clone()
         .filter(|w| !w.is_empty())
-        .or_else(|| input.image.config().as_ref().and_then(|cfg| cfg.working_dir().clone()))
+        .or_else(|| {
+            input
+                .image
+                .config()
+                .as_ref()
+                .and_then(|cfg| cfg.working_dir().clone())
+        })
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
     let no_new_privs = sc.and_then(|s| s.allow_privilege_escalation) == Some(false);
@@ -421,13 +461,20 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
         "env": environment(input),
         "cwd": cwd,
         "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
-        "noNewPrivileges": no_new_privs,
     });
+    // libcontainer loads seccomp before dropping capabilities only when this field is absent.
+    if no_new_privs {
+        process["noNewPrivileges"] = json!(true);
+    }
     if let Some(adj) = input.oom_score_adj {
         process["oomScoreAdj"] = json!(adj);
     }
 
-    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "mount"}), json!({"type": "cgroup"})];
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "mount"}),
+        json!({"type": "cgroup"}),
+    ];
     let ns = |t: &str, n: &Ns| match n {
         Ns::Host => None,
         Ns::New => Some(json!({"type": t})),
@@ -524,11 +571,19 @@ mod tests {
 
     #[test]
     fn entrypoint_and_cmd_rules() {
-        let img = image(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{"Entrypoint":["ep"],"Cmd":["cmd"]}}"#);
+        let img = image(
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{"Entrypoint":["ep"],"Cmd":["cmd"]}}"#,
+        );
         assert_eq!(process_args(&container(None, None), &img), ["ep", "cmd"]);
-        assert_eq!(process_args(&container(None, Some(&["a"])), &img), ["ep", "a"]);
+        assert_eq!(
+            process_args(&container(None, Some(&["a"])), &img),
+            ["ep", "a"]
+        );
         assert_eq!(process_args(&container(Some(&["x"]), None), &img), ["x"]);
-        assert_eq!(process_args(&container(Some(&["x"]), Some(&["y"])), &img), ["x", "y"]);
+        assert_eq!(
+            process_args(&container(Some(&["x"]), Some(&["y"])), &img),
+            ["x", "y"]
+        );
     }
 
     #[test]
@@ -542,18 +597,37 @@ mod tests {
         };
         let c = capabilities(Some(&sc(&["NET_ADMIN"], &["KILL"]))).unwrap();
         assert!(c.contains(&"CAP_NET_ADMIN".to_string()) && !c.contains(&"CAP_KILL".to_string()));
-        assert_eq!(capabilities(Some(&sc(&["NET_BIND_SERVICE"], &["ALL"]))).unwrap(), ["CAP_NET_BIND_SERVICE"]);
-        assert!(matches!(capabilities(Some(&sc(&["BOGUS"], &[]))), Err(Error::Config(_))));
-        assert_eq!(capabilities(None).unwrap().len(), DEFAULT_CAPABILITIES.len());
+        assert_eq!(
+            capabilities(Some(&sc(&["NET_BIND_SERVICE"], &["ALL"]))).unwrap(),
+            ["CAP_NET_BIND_SERVICE"]
+        );
+        assert!(matches!(
+            capabilities(Some(&sc(&["BOGUS"], &[]))),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(
+            capabilities(None).unwrap().len(),
+            DEFAULT_CAPABILITIES.len()
+        );
     }
 
     #[test]
     fn user_from_image_and_context() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("etc")).unwrap();
-        std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n").unwrap();
-        std::fs::write(dir.path().join("etc/group"), "app:x:1000:\nextra:x:2000:app\n").unwrap();
-        let img = image(r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{"User":"app"}}"#);
+        std::fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0::/:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "app:x:1000:\nextra:x:2000:app\n",
+        )
+        .unwrap();
+        let img = image(
+            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{"User":"app"}}"#,
+        );
         let c = container(Some(&["sh"]), None);
         let input = SpecInput {
             container: &c,
@@ -569,10 +643,21 @@ mod tests {
             default_seccomp: true,
         };
         assert_eq!(resolve_user(&input).unwrap(), (1000, 1000, vec![2000]));
-        let psc = PodSecurityContext { run_as_user: Some(0), run_as_non_root: Some(true), ..Default::default() };
-        let input = SpecInput { pod_security: Some(&psc), ..input };
+        let psc = PodSecurityContext {
+            run_as_user: Some(0),
+            run_as_non_root: Some(true),
+            ..Default::default()
+        };
+        let input = SpecInput {
+            pod_security: Some(&psc),
+            ..input
+        };
         assert!(matches!(resolve_user(&input), Err(Error::Config(_))));
-        let spec = generate(&SpecInput { pod_security: None, ..input }).unwrap();
+        let spec = generate(&SpecInput {
+            pod_security: None,
+            ..input
+        })
+        .unwrap();
         assert!(spec.linux().as_ref().unwrap().seccomp().is_some());
     }
 }

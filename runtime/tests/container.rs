@@ -1,0 +1,342 @@
+//! Container lifecycle on the real kernel through libcontainer and oxlet-shim.
+
+mod common;
+
+use common::*;
+use runtime::container::{self, State};
+use runtime::spec::{Namespaces, Ns};
+use std::time::{Duration, Instant};
+
+#[test]
+fn create_start_log_exit_and_delete() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let b = Bundle::new(
+        &env,
+        &sh("c", "echo out; echo err >&2; exit 3"),
+        Namespaces::default(),
+        &cg.0,
+    );
+    b.create();
+    assert_eq!(container::state(&env.paths, &b.id).unwrap(), State::Created);
+    container::start(&env.paths, &b.id).unwrap();
+    let exit = container::wait(&env.paths, &b.id, Duration::from_secs(20)).expect("exited");
+    assert_eq!((exit.exit_code, exit.reason()), (3, "Error"));
+    assert!(
+        matches!(container::state(&env.paths, &b.id).unwrap(), State::Exited(e) if e.exit_code == 3)
+    );
+    let raw = std::fs::read_to_string(b.log()).unwrap();
+    let lines: Vec<&str> = raw.lines().collect();
+    assert_eq!(lines.len(), 2, "{raw}");
+    assert!(lines.iter().any(|l| l.ends_with(" stdout F out")), "{raw}");
+    assert!(lines.iter().any(|l| l.ends_with(" stderr F err")), "{raw}");
+    assert!(container::started_at(&env.paths, &b.id).is_some());
+    let cgroup_dir = runtime::cgroup::controller_dir("memory", &b.cgroup);
+    assert!(cgroup_dir.exists(), "container cgroup lives until delete");
+    container::delete(&env.paths, &b.id).unwrap();
+    assert!(!cgroup_dir.exists(), "delete removes the cgroup");
+    assert!(!env.paths.state_root.join(&b.id).exists());
+    container::delete(&env.paths, &b.id).unwrap();
+}
+
+#[test]
+fn completed_and_reason() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let b = Bundle::new(&env, &sh("c", "exit 0"), Namespaces::default(), &cg.0);
+    b.create();
+    container::start(&env.paths, &b.id).unwrap();
+    let exit = container::wait(&env.paths, &b.id, Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        (exit.exit_code, exit.reason(), exit.oom_killed),
+        (0, "Completed", false)
+    );
+}
+
+#[test]
+fn memory_limit_is_set_and_hog_is_oom_killed() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    // tail -c keeps the last 200 MB in memory: far over the 32 MiB limit.
+    let c = with_resources(
+        sh(
+            "hog",
+            "head -c 200000000 /dev/zero | tail -c 200000000 > /dev/null",
+        ),
+        &[("memory", "32Mi")],
+    );
+    let b = Bundle::new(&env, &c, Namespaces::default(), &cg.0);
+    b.create();
+    let limit_file = if runtime::cgroup::is_v2() {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    let limit = std::fs::read_to_string(
+        runtime::cgroup::controller_dir("memory", &b.cgroup).join(limit_file),
+    )
+    .unwrap();
+    assert_eq!(limit.trim(), (32u64 << 20).to_string());
+    container::start(&env.paths, &b.id).unwrap();
+    let exit = container::wait(&env.paths, &b.id, Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        (exit.exit_code, exit.reason()),
+        (137, "OOMKilled"),
+        "{exit:?}"
+    );
+}
+
+#[test]
+fn cpu_limit_throttles_a_busy_loop() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let c = with_resources(sh("spin", "while :; do :; done"), &[("cpu", "100m")]);
+    let b = Bundle::new(&env, &c, Namespaces::default(), &cg.0);
+    b.create();
+    let dir = runtime::cgroup::controller_dir("cpu", &b.cgroup);
+    if runtime::cgroup::is_v2() {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpu.max")).unwrap().trim(),
+            "10000 100000"
+        );
+    } else {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpu.cfs_quota_us"))
+                .unwrap()
+                .trim(),
+            "10000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpu.cfs_period_us"))
+                .unwrap()
+                .trim(),
+            "100000"
+        );
+    }
+    container::start(&env.paths, &b.id).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stat = std::fs::read_to_string(dir.join("cpu.stat")).unwrap();
+    let throttled: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("nr_throttled "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(throttled > 0, "{stat}");
+    let usage = runtime::cgroup::usage(&b.cgroup);
+    // 1.5 s at 0.1 cpu is about 150 ms of cpu time; unthrottled it would be ~1.5 s.
+    assert!(usage.cpu_usage_ns < 600_000_000, "{usage:?}");
+    container::stop(&env.paths, &b.id, Duration::ZERO).unwrap();
+}
+
+#[test]
+fn exec_returns_output_and_exit_code() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let b = Bundle::new(
+        &env,
+        &sh("c", "echo ready > /tmp/ready; exec sleep 1000"),
+        Namespaces::default(),
+        &cg.0,
+    );
+    b.create();
+    container::start(&env.paths, &b.id).unwrap();
+    let args = |s: &str| vec!["sh".to_string(), "-c".to_string(), s.to_string()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = container::exec(
+            &env.paths,
+            &b.id,
+            &args("cat /tmp/ready; echo e >&2; exit 7"),
+            None,
+        )
+        .unwrap();
+        if out.exit_code == 7 || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(out.exit_code, 7);
+    assert_eq!(out.stdout, b"ready\n");
+    assert_eq!(out.stderr, b"e\n");
+    let timed = container::exec(
+        &env.paths,
+        &b.id,
+        &args("sleep 30"),
+        Some(Duration::from_millis(300)),
+    )
+    .unwrap();
+    assert_eq!(timed.exit_code, 137);
+    let stop = container::stop(&env.paths, &b.id, Duration::from_secs(5)).unwrap();
+    // `sleep` as PID 1 has no SIGTERM handler: the kernel ignores the signal, SIGKILL ends it.
+    assert_eq!((stop.exit_code, stop.signal), (137, Some(9)));
+}
+
+#[test]
+fn stop_waits_the_grace_period_then_kills() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let b = Bundle::new(
+        &env,
+        &sh("c", "exec sleep 1000"),
+        Namespaces::default(),
+        &cg.0,
+    );
+    b.create();
+    container::start(&env.paths, &b.id).unwrap();
+    let t = Instant::now();
+    let exit = container::stop(&env.paths, &b.id, Duration::from_millis(800)).unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(800));
+    assert_eq!(exit.signal, Some(9));
+
+    let b2 = Bundle::new(
+        &env,
+        &sh("c", "trap 'exit 0' TERM; while :; do sleep 0.1; done"),
+        Namespaces::default(),
+        &cg.0,
+    );
+    b2.create();
+    container::start(&env.paths, &b2.id).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let exit = container::stop(&env.paths, &b2.id, Duration::from_secs(20)).unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a SIGTERM handler ends it early"
+    );
+    assert_eq!((exit.exit_code, exit.reason()), (0, "Completed"));
+}
+
+#[test]
+fn containers_outlive_the_runtime_and_are_found_again() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let long = Bundle::new(
+        &env,
+        &sh("c", "exec sleep 1000"),
+        Namespaces::default(),
+        &cg.0,
+    );
+    let short = Bundle::new(
+        &env,
+        &sh("c", "sleep 0.3; exit 5"),
+        Namespaces::default(),
+        &cg.0,
+    );
+    long.create();
+    short.create();
+    container::start(&env.paths, &long.id).unwrap();
+    container::start(&env.paths, &short.id).unwrap();
+    let State::Running { pid } = container::state(&env.paths, &long.id).unwrap() else {
+        panic!("not running")
+    };
+    // The container is not our child: a restarted runtime neither owns nor orphans it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: u32 = stat
+        .rsplit(") ")
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(ppid, std::process::id());
+    std::thread::sleep(Duration::from_millis(800));
+    // A "restarted" runtime: only the files, no in-memory state.
+    let paths = env.paths.clone();
+    let mut ids = container::list(&paths);
+    ids.retain(|i| i == &long.id || i == &short.id);
+    assert_eq!(ids.len(), 2);
+    assert_eq!(
+        container::state(&paths, &long.id).unwrap(),
+        State::Running { pid }
+    );
+    assert!(
+        matches!(container::state(&paths, &short.id).unwrap(), State::Exited(e) if e.exit_code == 5)
+    );
+}
+
+#[test]
+fn pod_sandbox_shares_namespaces_between_containers() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let root = env.tmp.path().join("sandboxes");
+    let id = unique("sb");
+    let cfg = runtime::sandbox::SandboxConfig {
+        id: id.clone(),
+        hostname: "podhost".into(),
+        ..Default::default()
+    };
+    let sb = runtime::sandbox::create(&root, &cfg).unwrap();
+    let _guard = SandboxGuard(root.clone(), id.clone());
+    let ns: Namespaces = sb.namespaces();
+    assert!(matches!(ns.network, Ns::Path(_)));
+    let script =
+        "readlink /proc/self/ns/net; readlink /proc/self/ns/ipc; hostname; cat /etc/hostname";
+    let mut outputs = Vec::new();
+    for _ in 0..2 {
+        let b = Bundle::new(&env, &sh("c", script), ns.clone(), &cg.0);
+        // Sandbox files are mounts handed in by the caller; rewrite the bundle with them.
+        let mut spec =
+            runtime::oci_spec::runtime::Spec::load(env.paths.dir(&b.id).join("config.json"))
+                .unwrap();
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for m in sb.mounts() {
+            mounts.push(serde_json::from_value(serde_json::json!({
+                "destination": m.destination, "type": "bind", "source": m.source, "options": ["rbind"]})).unwrap());
+        }
+        spec.set_mounts(Some(mounts));
+        spec.save(env.paths.dir(&b.id).join("config.json")).unwrap();
+        b.create();
+        container::start(&env.paths, &b.id).unwrap();
+        assert_eq!(
+            container::wait(&env.paths, &b.id, Duration::from_secs(20))
+                .unwrap()
+                .exit_code,
+            0
+        );
+        outputs.push(runtime::log::read_text(&b.log()).unwrap());
+    }
+    assert_eq!(outputs[0], outputs[1]);
+    assert!(outputs[0].ends_with("podhost\npodhost\n"), "{}", outputs[0]);
+    let host_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert!(!outputs[0].contains(&*host_net.to_string_lossy()));
+    runtime::sandbox::remove(&root, &id).unwrap();
+    runtime::sandbox::remove(&root, &id).unwrap();
+    assert!(mounts_under(&root).is_empty());
+    assert!(!root.join(&id).exists());
+}
+
+#[test]
+fn failed_create_leaves_nothing() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let b = Bundle::new(&env, &sh("c", "true"), Namespaces::default(), &cg.0);
+    // A bind mount of a missing source makes libcontainer fail inside create.
+    let mut spec =
+        runtime::oci_spec::runtime::Spec::load(env.paths.dir(&b.id).join("config.json")).unwrap();
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(serde_json::from_value(serde_json::json!({
+        "destination": "/missing", "type": "bind", "source": "/nonexistent/oxlet", "options": ["rbind"]})).unwrap());
+    spec.set_mounts(Some(mounts));
+    spec.save(env.paths.dir(&b.id).join("config.json")).unwrap();
+    let err = container::create(&env.paths, &b.id, &env.log_options(&b.id)).unwrap_err();
+    assert!(err.to_string().contains("shim"), "{err}");
+    assert!(
+        !env.paths.state_root.join(&b.id).exists(),
+        "state dir removed"
+    );
+    assert!(
+        !runtime::cgroup::controller_dir("memory", &b.cgroup).exists(),
+        "cgroup removed"
+    );
+}
+
+struct SandboxGuard(std::path::PathBuf, String);
+
+impl Drop for SandboxGuard {
+    fn drop(&mut self) {
+        let _ = runtime::sandbox::remove(&self.0, &self.1);
+    }
+}
