@@ -1,0 +1,489 @@
+//! Image pulls, store, snapshots and rootfs mounts against the test bed registries
+//! (`tests/testbed/up`: 127.0.0.1:5000 open, 127.0.0.1:5001 basic auth). Runs as root.
+//!
+//! Every test has its own store in a temp dir and unmounts what it mounted in `Drop`, so a
+//! failing assertion leaves nothing mounted behind.
+
+use runtime::image::{
+    mount_rootfs, unmount_rootfs, Credentials, DockerConfig, Error, Image, ImageStore, PullOptions,
+    PullPolicy,
+};
+use sha2::{Digest, Sha256};
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const REG: &str = "127.0.0.1:5000";
+const AUTH_REG: &str = "127.0.0.1:5001";
+
+struct Env {
+    tmp: tempfile::TempDir,
+    store: ImageStore,
+    containers: Vec<PathBuf>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let tmp = tempfile::Builder::new()
+            .prefix("oxlet-image-test")
+            .tempdir()
+            .unwrap();
+        let store = ImageStore::open(tmp.path().join("store")).unwrap();
+        Env {
+            tmp,
+            store,
+            containers: Vec::new(),
+        }
+    }
+
+    fn mount(&mut self, image: &Image, name: &str) -> PathBuf {
+        let dir = self.tmp.path().join("containers").join(name);
+        self.containers.push(dir.clone());
+        mount_rootfs(image, &dir).unwrap()
+    }
+
+    fn count(&self, sub: &str) -> usize {
+        fs::read_dir(self.store.root().join(sub)).unwrap().count()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            if let Err(e) = unmount_rootfs(c) {
+                eprintln!("cleanup {}: {e}", c.display());
+            }
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn pull(env: &Env, reference: &str) -> Result<Image, Error> {
+    rt().block_on(env.store.pull(reference, &PullOptions::default()))
+}
+
+fn sha256_file(p: &Path) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(fs::read(p).unwrap()))
+    )
+}
+
+fn blob(env: &Env, digest: &str) -> PathBuf {
+    env.store
+        .root()
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+fn getxattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+    let cp = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let cn = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and buffer length.
+    let n = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (n >= 0).then(|| buf[..n as usize].to_vec())
+}
+
+#[test]
+fn pull_busybox_verifies_digests_and_mounts_writable_rootfs() {
+    let mut env = Env::new();
+    let img = pull(&env, &format!("{REG}/test/busybox")).unwrap();
+    assert_eq!(img.reference, format!("{REG}/test/busybox:latest"));
+    assert!(img.digest.starts_with("sha256:") && img.digest.len() == 71);
+    assert_eq!(img.digest, img.manifest_digest);
+    // Every stored blob hashes to its name: manifest, config and the layer.
+    assert_eq!(sha256_file(&blob(&env, &img.digest)), img.digest);
+    assert_eq!(
+        sha256_file(&blob(&env, &img.config_digest)),
+        img.config_digest
+    );
+    assert_eq!(img.layers.len(), 1);
+    assert_eq!(
+        sha256_file(&blob(&env, &img.layers[0].digest)),
+        img.layers[0].digest
+    );
+    assert_eq!(img.config.architecture().to_string(), "amd64");
+    let cmd = img.config.config().as_ref().unwrap().cmd().clone().unwrap();
+    assert_eq!(cmd, vec!["sh".to_string()]);
+
+    let rootfs = env.mount(&img, "c1");
+    let bb = fs::metadata(rootfs.join("bin/busybox")).unwrap();
+    assert!(bb.is_file() && bb.permissions().mode() & 0o111 != 0);
+    assert_eq!(
+        fs::read_link(rootfs.join("bin/sh")).unwrap(),
+        Path::new("busybox")
+    );
+    assert!(fs::read_to_string(rootfs.join("etc/passwd"))
+        .unwrap()
+        .starts_with("root:x:0:0"));
+    // Writes go to the container's upper dir, never into the shared snapshot.
+    fs::write(rootfs.join("tmp/hello"), "hi").unwrap();
+    let container = rootfs.parent().unwrap().to_path_buf();
+    assert_eq!(fs::read(container.join("upper/tmp/hello")).unwrap(), b"hi");
+    assert!(!img.layers[0].snapshot.join("tmp/hello").exists());
+    // Mounting again is idempotent; unmounting twice is fine.
+    assert_eq!(mount_rootfs(&img, &container).unwrap(), rootfs);
+    unmount_rootfs(&container).unwrap();
+    assert!(!rootfs.exists());
+    unmount_rootfs(&container).unwrap();
+    unmount_rootfs(&env.tmp.path().join("never-existed")).unwrap();
+}
+
+#[test]
+fn layers_whiteouts_opaque_links_modes_owners_xattrs() {
+    let mut env = Env::new();
+    let img = pull(&env, &format!("{REG}/test/layers:latest")).unwrap();
+    assert_eq!(img.layers.len(), 3);
+    let r = env.mount(&img, "layers");
+    let data = r.join("data");
+    // Whiteout: removed in layer 2.
+    assert!(fs::symlink_metadata(data.join("removed")).is_err());
+    assert!(!fs::read_dir(&data).unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".wh.")));
+    assert_eq!(fs::read(data.join("added")).unwrap(), b"added\n");
+    // Opaque dir: only what layer 2 put there.
+    let mut names: Vec<String> = fs::read_dir(r.join("opaque"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["new".to_string()]);
+    // Owner and mode.
+    let kept = fs::metadata(data.join("kept")).unwrap();
+    assert_eq!((kept.uid(), kept.gid()), (1000, 1000));
+    assert_eq!(kept.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(fs::read(data.join("kept")).unwrap(), b"kept\n");
+    let suid = fs::metadata(data.join("setuid")).unwrap();
+    assert_eq!(suid.permissions().mode() & 0o7777, 0o4755);
+    // Hard link shares the inode; symlink keeps its absolute target.
+    let a = fs::metadata(data.join("original")).unwrap();
+    let b = fs::metadata(data.join("hardlink")).unwrap();
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 2);
+    assert_eq!(
+        fs::read_link(data.join("symlink")).unwrap(),
+        Path::new("/data/kept")
+    );
+    // xattr from the PAX header.
+    assert_eq!(
+        getxattr(&data.join("xattr"), "user.oxlet").as_deref(),
+        Some(&b"yes"[..])
+    );
+    assert_eq!(
+        img.config
+            .config()
+            .as_ref()
+            .unwrap()
+            .working_dir()
+            .as_deref(),
+        Some("/data")
+    );
+    // Snapshots store whiteouts the overlayfs way.
+    let top = &img.layers[2].snapshot;
+    let wh = fs::symlink_metadata(top.join("data/removed")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(
+        &wh.file_type()
+    ));
+    assert_eq!(wh.rdev(), 0);
+    assert_eq!(
+        getxattr(&top.join("opaque"), "trusted.overlay.opaque").as_deref(),
+        Some(&b"y"[..])
+    );
+}
+
+#[test]
+fn zstd_and_docker_media_types_share_the_busybox_snapshot() {
+    let mut env = Env::new();
+    let gz = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
+    let zs = pull(&env, &format!("{REG}/test/busybox:zstd")).unwrap();
+    let dk = pull(&env, &format!("{REG}/test/busybox:docker")).unwrap();
+    assert_eq!(
+        zs.layers[0].media_type,
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    );
+    assert_eq!(
+        dk.layers[0].media_type,
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    );
+    assert_ne!(zs.layers[0].digest, gz.layers[0].digest);
+    // Same uncompressed tar: one snapshot for all three.
+    assert_eq!(zs.layers[0].diff_id, gz.layers[0].diff_id);
+    assert_eq!(dk.layers[0].snapshot, gz.layers[0].snapshot);
+    assert_eq!(env.count("snapshots"), 1);
+    // Docker manifest has its own digest but the same layer blob as the OCI one.
+    assert_ne!(dk.digest, gz.digest);
+    assert_eq!(dk.layers[0].digest, gz.layers[0].digest);
+    for (img, name) in [(&zs, "z"), (&dk, "d")] {
+        let r = env.mount(img, name);
+        assert!(r.join("bin/busybox").is_file());
+    }
+}
+
+#[test]
+fn multiarch_index_picks_linux_amd64() {
+    let env = Env::new();
+    let plain = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
+    let multi = pull(&env, &format!("{REG}/test/multiarch:latest")).unwrap();
+    assert_eq!(multi.config.architecture().to_string(), "amd64");
+    assert_eq!(multi.manifest_digest, plain.digest);
+    assert_ne!(multi.digest, multi.manifest_digest);
+    assert_eq!(sha256_file(&blob(&env, &multi.digest)), multi.digest);
+    assert_eq!(multi.layers, plain.layers);
+    // Pull by the index digest gives the same image.
+    let by_digest = pull(&env, &format!("{REG}/test/multiarch@{}", multi.digest)).unwrap();
+    assert_eq!(by_digest.manifest_digest, plain.digest);
+    assert_eq!(
+        by_digest.reference,
+        format!("{REG}/test/multiarch@{}", multi.digest)
+    );
+}
+
+#[test]
+fn auth_registry_needs_credentials() {
+    let env = Env::new();
+    let reference = format!("{AUTH_REG}/test/busybox:latest");
+    let err = pull(&env, &reference).unwrap_err();
+    assert_eq!(err.reason(), "ErrImagePull");
+    assert!(err.to_string().contains("401"), "{err}");
+
+    let json = format!(
+        r#"{{"auths":{{"{AUTH_REG}":{{"auth":"{}"}}}}}}"#,
+        "b3hsZXQ6b3hsZXQtc2VjcmV0" // base64("oxlet:oxlet-secret")
+    );
+    let opts = PullOptions {
+        auth: DockerConfig::from_json(json.as_bytes()).unwrap(),
+        ..Default::default()
+    };
+    let img = rt().block_on(env.store.pull(&reference, &opts)).unwrap();
+    assert!(img.layers[0].snapshot.join("bin/busybox").is_file());
+
+    let mut wrong = DockerConfig::default();
+    wrong.insert(
+        AUTH_REG,
+        Credentials {
+            username: "oxlet".into(),
+            password: "wrong".into(),
+        },
+    );
+    let opts = PullOptions {
+        auth: wrong,
+        ..Default::default()
+    };
+    let err = rt()
+        .block_on(env.store.pull(&reference, &opts))
+        .unwrap_err();
+    assert_eq!(err.reason(), "ErrImagePull");
+    assert!(err.to_string().contains("401"), "{err}");
+}
+
+#[test]
+fn errors_carry_kubelet_reasons() {
+    let env = Env::new();
+    let rt = rt();
+    let opts = PullOptions::default();
+    let ensure = |r: &str, p: PullPolicy| rt.block_on(env.store.ensure(r, p, &opts));
+
+    let e = ensure("UPPER/case:bad", PullPolicy::IfNotPresent).unwrap_err();
+    assert_eq!(e.reason(), "InvalidImageName");
+
+    let e = ensure(&format!("{REG}/test/nope:latest"), PullPolicy::Always).unwrap_err();
+    assert_eq!(e.reason(), "ErrImagePull");
+    assert_eq!(
+        e.to_string(),
+        format!("pull {REG}/test/nope:latest: manifest unknown (404)")
+    );
+
+    let e = ensure("127.0.0.1:1/test/busybox:latest", PullPolicy::IfNotPresent).unwrap_err();
+    assert_eq!(e.reason(), "ErrImagePull");
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+
+    let e = ensure(&format!("{REG}/test/busybox:latest"), PullPolicy::Never).unwrap_err();
+    assert_eq!(e.reason(), "ErrImageNeverPull");
+
+    let e = ensure(
+        &format!("{REG}/test/corrupt:latest"),
+        PullPolicy::IfNotPresent,
+    )
+    .unwrap_err();
+    assert_eq!(e.reason(), "ImageInspectError");
+    assert!(env.store.list().unwrap().is_empty());
+
+    // A pinned digest the registry does not have is a pull error too.
+    let e = ensure(
+        &format!("{REG}/test/busybox@sha256:{}", "0".repeat(64)),
+        PullPolicy::IfNotPresent,
+    )
+    .unwrap_err();
+    assert_eq!(e.reason(), "ErrImagePull");
+}
+
+#[test]
+fn policies_and_records_survive_reopen() {
+    let env = Env::new();
+    let rt = rt();
+    let opts = PullOptions::default();
+    let reference = format!("{REG}/test/entrypoint");
+    let pulled = rt
+        .block_on(
+            env.store
+                .ensure(&reference, PullPolicy::IfNotPresent, &opts),
+        )
+        .unwrap();
+    let cfg = pulled.config.config().as_ref().unwrap();
+    assert_eq!(
+        cfg.entrypoint().as_deref(),
+        Some(&["echo".to_string(), "entry".to_string()][..])
+    );
+    assert_eq!(cfg.user().as_deref(), Some("1000:1000"));
+
+    // A new handle (as after a restart) sees the record; Never now succeeds without a registry.
+    let again = ImageStore::open(env.store.root()).unwrap();
+    let got = rt
+        .block_on(again.ensure(&reference, PullPolicy::Never, &opts))
+        .unwrap();
+    assert_eq!(got.digest, pulled.digest);
+    assert_eq!(got.reference, format!("{REG}/test/entrypoint:latest"));
+    let listed = again.list().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].size, pulled.size);
+    assert!(again.get(&format!("{REG}/test/other")).unwrap().is_none());
+    // Always re-contacts the registry and gives the same digest.
+    let always = rt
+        .block_on(again.ensure(&reference, PullPolicy::Always, &opts))
+        .unwrap();
+    assert_eq!(always.digest, pulled.digest);
+}
+
+#[test]
+fn shared_layers_stored_once_and_remove_collects_garbage() {
+    let mut env = Env::new();
+    let bb = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
+    let layers = pull(&env, &format!("{REG}/test/layers:latest")).unwrap();
+    assert_eq!(layers.layers[0], bb.layers[0]);
+    // busybox: manifest, config, layer; layers: manifest, config, 2 more layers.
+    assert_eq!(env.count("blobs/sha256"), 7);
+    assert_eq!(env.count("snapshots"), 3);
+
+    // A mounted image keeps its content even after its tag is removed.
+    let rootfs = env.mount(&layers, "user");
+    env.store
+        .remove(&format!("{REG}/test/layers:latest"))
+        .unwrap();
+    assert_eq!(env.count("blobs/sha256"), 7);
+    assert!(rootfs.join("data/added").is_file());
+    let err = env
+        .store
+        .remove(&format!("{REG}/test/layers:latest"))
+        .unwrap_err();
+    assert_eq!(err.reason(), "ImageNotFound");
+
+    unmount_rootfs(rootfs.parent().unwrap()).unwrap();
+    env.store.gc().unwrap();
+    assert_eq!(env.count("blobs/sha256"), 3);
+    assert_eq!(env.count("snapshots"), 1);
+    assert!(bb.layers[0].snapshot.join("bin/busybox").is_file());
+    let r = env.mount(&bb, "still-works");
+    assert!(r.join("bin/busybox").is_file());
+    unmount_rootfs(r.parent().unwrap()).unwrap();
+
+    env.store.remove(&format!("{REG}/test/busybox")).unwrap();
+    assert_eq!(env.count("blobs/sha256"), 0);
+    assert_eq!(env.count("snapshots"), 0);
+    assert!(env.store.list().unwrap().is_empty());
+}
+
+#[test]
+fn concurrent_pulls_of_one_image_are_safe() {
+    let env = Env::new();
+    let rt = rt();
+    let opts = PullOptions::default();
+    let reference = format!("{REG}/test/layers:latest");
+    let (a, b) = rt.block_on(async {
+        tokio::join!(
+            env.store.pull(&reference, &opts),
+            env.store.pull(&reference, &opts)
+        )
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.digest, b.digest);
+    assert_eq!(env.count("snapshots"), 3);
+    assert_eq!(env.count("tmp"), 0);
+    assert!(a.layers[2].snapshot.join("opaque/new").is_file());
+}
+
+fn skopeo(dest: &str) {
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{REG}/test/layers:latest"))
+        .arg(dest)
+        .status()
+        .expect("skopeo");
+    assert!(st.success(), "skopeo copy to {dest}");
+}
+
+#[test]
+fn import_oci_and_docker_archives() {
+    let mut env = Env::new();
+    let dir = env.tmp.path().to_path_buf();
+    let rt = rt();
+
+    let oci = dir.join("layers-oci.tar");
+    skopeo(&format!(
+        "oci-archive:{}:{REG}/test/imported:v1",
+        oci.display()
+    ));
+    let imgs = rt.block_on(env.store.import(&oci)).unwrap();
+    assert_eq!(imgs.len(), 1);
+    assert_eq!(imgs[0].reference, format!("{REG}/test/imported:v1"));
+    assert_eq!(imgs[0].layers.len(), 3);
+    let r = env.mount(&imgs[0], "oci");
+    assert!(r.join("opaque/new").is_file());
+    assert!(!r.join("data/removed").exists());
+
+    // Untagged OCI archive: named after the file, pinned by digest.
+    let untagged = dir.join("Plain.tar");
+    skopeo(&format!("oci-archive:{}", untagged.display()));
+    let imgs = rt.block_on(env.store.import(&untagged)).unwrap();
+    assert_eq!(
+        imgs[0].reference,
+        format!("localhost/plain@{}", imgs[0].digest)
+    );
+
+    let docker = dir.join("layers-docker.tar");
+    skopeo(&format!(
+        "docker-archive:{}:example.com/team/app:2.0",
+        docker.display()
+    ));
+    let imgs = rt.block_on(env.store.import(&docker)).unwrap();
+    assert_eq!(imgs.len(), 1);
+    assert_eq!(imgs[0].reference, "example.com/team/app:2.0");
+    let r = env.mount(&imgs[0], "docker");
+    let a = fs::metadata(r.join("data/original")).unwrap();
+    assert_eq!(
+        a.ino(),
+        fs::metadata(r.join("data/hardlink")).unwrap().ino()
+    );
+    assert_eq!(fs::metadata(r.join("data/kept")).unwrap().uid(), 1000);
+    // Both formats unpacked to the same snapshots (same diff ids).
+    assert_eq!(env.count("snapshots"), 3);
+    assert_eq!(env.store.list().unwrap().len(), 3);
+
+    let bad = dir.join("bad.tar");
+    fs::write(&bad, b"not a tarball at all").unwrap();
+    let e = rt.block_on(env.store.import(&bad)).unwrap_err();
+    assert_eq!(e.reason(), "ErrImagePull");
+}
