@@ -58,9 +58,9 @@ impl Emitter {
 pub fn watch(reg: &Registry, c: Call) -> ApiResult<Response<Body>> {
     let opts = list_options(&c.query)?;
     let rv = c.query.get("resourceVersion").cloned().unwrap_or_default();
-    let send_initial = match c.query.get("sendInitialEvents").map(String::as_str) {
-        Some("true") => true,
-        Some(_) => false,
+    let explicit_initial = c.query.get("sendInitialEvents").map(String::as_str) == Some("true");
+    let send_initial = match c.query.get("sendInitialEvents") {
+        Some(_) => explicit_initial,
         None => rv.is_empty() || rv == "0",
     };
     let bookmarks = flag(&c.query, "allowWatchBookmarks");
@@ -120,7 +120,7 @@ pub fn watch(reg: &Registry, c: Call) -> ApiResult<Response<Body>> {
                 return;
             }
         }
-        if send_initial && bookmarks {
+        if explicit_initial && bookmarks {
             let b = json!({"kind": c.rt.kind, "apiVersion": c.rt.api_version(), "metadata": {
                 "resourceVersion": from.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}});
             if !em.send(&c, "BOOKMARK", b).await {

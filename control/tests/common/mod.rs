@@ -1,0 +1,113 @@
+//! Test harness: a server on a free 127.0.0.1 port with a temporary data dir and kubeconfig,
+//! clients for it (kube-rs and the real kubectl binaries).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result};
+
+pub struct TestServer {
+    pub server: Option<control::Server>,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+}
+
+impl TestServer {
+    pub async fn start() -> Result<TestServer> {
+        let dir = tempfile::tempdir()?;
+        let mut cfg = control::Config::new(dir.path().join("data"));
+        cfg.listen = "127.0.0.1:0".parse()?;
+        cfg.kubeconfig = dir.path().join("admin.kubeconfig");
+        let server = control::start(cfg).await?;
+        let kubeconfig = server.kubeconfig.clone();
+        Ok(TestServer {
+            server: Some(server),
+            dir,
+            kubeconfig,
+        })
+    }
+
+    pub async fn client(&self) -> Result<kube::Client> {
+        client_for(&self.kubeconfig).await
+    }
+
+    pub fn kubectl(&self, version: u32, args: &[&str]) -> Output {
+        kubectl(&self.kubeconfig, version, args, None)
+    }
+
+    pub fn kubectl_stdin(&self, version: u32, args: &[&str], stdin: &str) -> Output {
+        kubectl(&self.kubeconfig, version, args, Some(stdin))
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.server.as_ref().expect("running").addr
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+    }
+}
+
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+pub const KUBECTL_VERSIONS: &[u32] = &[27, 30, 33];
+
+pub fn kubectl_path(version: u32) -> PathBuf {
+    PathBuf::from(format!("/usr/lib/google-cloud-sdk/bin/kubectl.1.{version}"))
+}
+
+/// Runs kubectl 1.`version`; its output is printed when a test fails.
+pub fn kubectl(kubeconfig: &Path, version: u32, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(kubectl_path(version));
+    cmd.arg("--kubeconfig").arg(kubeconfig).args(args);
+    cmd.env("HOME", kubeconfig.parent().unwrap_or(Path::new("/tmp")));
+    cmd.stdin(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("running kubectl 1.{version}"))
+        .expect("kubectl runs");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("kubectl finishes")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[track_caller]
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "kubectl failed: {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout(&o)
+}
+
+#[track_caller]
+pub fn fails(o: Output) -> String {
+    assert!(
+        !o.status.success(),
+        "kubectl should fail; stdout: {}",
+        stdout(&o)
+    );
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
