@@ -147,15 +147,17 @@ static EMPTY: Vec<InfoBridge> = Vec::new();
 
 /// Ensures the bridge exists, is up, has `nf_call_iptables` (ClusterIP between pods on one bridge)
 /// and the requested promiscuity. Tolerates a concurrent creator.
-/// A new bridge gets `mac` so its address does not follow its ports as they come and go.
+/// `found` is the result of an earlier `get(name)`. A new bridge gets `mac` so its address does
+/// not follow its ports as they come and go.
 pub async fn ensure_bridge(
     h: &Handle,
     name: &str,
+    found: Option<LinkMessage>,
     mtu: u32,
     promisc: bool,
     mac: [u8; 6],
 ) -> Result<LinkMessage> {
-    let existing = match get(h, name).await? {
+    let existing = match found {
         Some(m) => Some(m),
         None => {
             let msg = LinkBridge::new(name)
@@ -258,7 +260,8 @@ pub struct VethSpec<'a> {
 }
 
 /// Creates the pair in one request: the peer is born inside the pod netns with its final name,
-/// and the host end is already enslaved to the bridge and up.
+/// and the host end is already enslaved to the bridge and up. (The peer cannot be brought up in
+/// the same request: veth refuses to open before its pair is complete.)
 pub async fn create_veth(h: &Handle, s: &VethSpec<'_>) -> Result<()> {
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(s.peer)

@@ -1,10 +1,12 @@
-//! `ipMasq` through nftables: one table per network (`inet oxlet-cni-<network>`) holding a set of
-//! pod addresses per family and one masquerade rule per family, applied with `nft -f -` in one
-//! transaction. Pods are set elements, so ADD and DEL only touch elements.
+//! `ipMasq` through nftables: one table per network (`inet oxlet-cni-<network>`) with one
+//! masquerade rule per family for traffic from the network's subnets to anywhere else, written
+//! with `nft -f -` in one transaction. The rule set belongs to the network, not to pods: the
+//! first ADD of a network creates it, the DEL (or GC) that frees the network's last IP removes
+//! it, and every other ADD/DEL leaves nftables alone. Whether the table exists is asked over
+//! nf_tables netlink (a read of ~0.1 ms, where starting `nft` costs milliseconds).
 
 use crate::ipam::IpNet;
 use std::io::Write;
-use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
@@ -34,72 +36,116 @@ pub fn table_name(network: &str) -> String {
     format!("oxlet-cni-{clean}")
 }
 
-fn elements(ips: &[IpAddr], v4: bool) -> Option<String> {
-    let v: Vec<String> = ips
-        .iter()
-        .filter(|i| i.is_ipv4() == v4)
-        .map(|i| i.to_string())
-        .collect();
-    (!v.is_empty()).then(|| v.join(", "))
-}
-
-fn declare(table: &str) -> String {
-    format!(
-        "table inet {table} {{\n\
-         \tset pods4 {{ type ipv4_addr; }}\n\
-         \tset pods6 {{ type ipv6_addr; }}\n\
-         \tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
-         }}\n"
-    )
-}
-
-/// ADD: ensure the table, rewrite the network's rules (subnets may have changed) and add the pods.
-pub fn render_add(network: &str, subnets: &[IpNet], ips: &[IpAddr]) -> String {
+/// The network's table, chain and rules (idempotent: the chain is flushed and refilled).
+pub fn render_add(network: &str, subnets: &[IpNet]) -> String {
     let t = table_name(network);
-    let mut s = declare(&t);
+    let mut s = format!("table inet {t} {{\n\tchain postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n}}\n");
     s += &format!("flush chain inet {t} postrouting\n");
-    for (v4, fam, set, mcast) in [
-        (true, "ip", "pods4", "224.0.0.0/4"),
-        (false, "ip6", "pods6", "ff00::/8"),
-    ] {
-        let nets: Vec<String> = subnets
+    for (v4, fam, mcast) in [(true, "ip", "224.0.0.0/4"), (false, "ip6", "ff00::/8")] {
+        let mut nets: Vec<String> = subnets
             .iter()
             .filter(|n| n.addr.is_ipv4() == v4)
             .map(|n| n.network().to_string())
             .collect();
+        nets.sort();
+        nets.dedup();
         if nets.is_empty() {
             continue;
         }
-        s += &format!(
-            "add rule inet {t} postrouting {fam} saddr @{set} {fam} daddr != {{ {} }} {fam} daddr != {mcast} masquerade\n",
-            nets.join(", ")
-        );
-    }
-    for (v4, set) in [(true, "pods4"), (false, "pods6")] {
-        if let Some(e) = elements(ips, v4) {
-            s += &format!("add element inet {t} {set} {{ {e} }}\n");
-        }
+        let set = nets.join(", ");
+        s += &format!("add rule inet {t} postrouting {fam} saddr {{ {set} }} {fam} daddr != {{ {set} }} {fam} daddr != {mcast} masquerade\n");
     }
     s
 }
 
-/// DEL/GC: remove the pods (tolerating absent ones), or the whole table when the network is empty.
-pub fn render_del(network: &str, ips: &[IpAddr], drop_table: bool) -> String {
+/// Removes the network's table (idempotent: declared first, so deleting never fails on absence).
+pub fn render_drop(network: &str) -> String {
     let t = table_name(network);
-    let mut s = declare(&t);
-    if drop_table {
-        s += &format!("delete table inet {t}\n");
-        return s;
+    format!("table inet {t}\ndelete table inet {t}\n")
+}
+
+/// Whether the network's table exists, asked with one nf_tables GETTABLE request.
+pub fn table_exists(network: &str) -> std::io::Result<bool> {
+    nft_netlink::get_table(libc::NFPROTO_INET as u8, &table_name(network))
+}
+
+mod nft_netlink {
+    use std::io;
+
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_GETTABLE: u16 = 1;
+    const NFTA_TABLE_NAME: u16 = 1;
+
+    fn align4(n: usize) -> usize {
+        (n + 3) & !3
     }
-    for (v4, set) in [(true, "pods4"), (false, "pods6")] {
-        if let Some(e) = elements(ips, v4) {
-            // `add` then `delete` in one transaction: idempotent on nft 1.0.6 (no `destroy`).
-            s += &format!(
-                "add element inet {t} {set} {{ {e} }}\ndelete element inet {t} {set} {{ {e} }}\n"
+
+    /// Sends GETTABLE for `name` in `family`; true on a table reply, false on ENOENT.
+    pub fn get_table(family: u8, name: &str) -> io::Result<bool> {
+        // SAFETY: plain socket syscalls on a descriptor owned here and closed on every path.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
             );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let r = exchange(fd, family, name);
+            libc::close(fd);
+            r
         }
     }
-    s
+
+    unsafe fn exchange(fd: i32, family: u8, name: &str) -> io::Result<bool> {
+        let attr_len = 4 + name.len() + 1;
+        let len = 16 + 4 + align4(attr_len);
+        let mut m = vec![0u8; len];
+        m[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        m[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+        m[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        m[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        m[16] = family; // nfgenmsg: family, version 0, res_id 0
+        m[20..22].copy_from_slice(&(attr_len as u16).to_ne_bytes());
+        m[22..24].copy_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
+        m[24..24 + name.len()].copy_from_slice(name.as_bytes());
+        if libc::send(fd, m.as_ptr().cast(), m.len(), 0) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut off = 0usize;
+            let n = n as usize;
+            let mut found = false;
+            while off + 16 <= n {
+                let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
+                let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
+                if mlen < 16 || off + mlen > n {
+                    break;
+                }
+                if mtype == libc::NLMSG_ERROR as u16 {
+                    let err = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap());
+                    return match -err {
+                        0 => Ok(found),
+                        libc::ENOENT => Ok(false),
+                        e => Err(io::Error::from_raw_os_error(e)),
+                    };
+                }
+                if mtype >> 8 == NFNL_SUBSYS_NFTABLES {
+                    found = true;
+                }
+                off += align4(mlen);
+            }
+            if found {
+                return Ok(true);
+            }
+        }
+    }
 }
 
 /// A running `nft -f -`, started so netlink work can proceed meanwhile.
@@ -167,23 +213,42 @@ mod tests {
     fn add_golden() {
         let s = render_add(
             "my net",
-            &[IpNet::parse("10.1.0.0/24").unwrap()],
-            &["10.1.0.2".parse().unwrap()],
+            &[
+                IpNet::parse("10.1.0.0/24").unwrap(),
+                IpNet::parse("10.2.0.0/24").unwrap(),
+            ],
         );
         assert_eq!(
             s,
-            "table inet oxlet-cni-my_net {\n\tset pods4 { type ipv4_addr; }\n\tset pods6 { type ipv6_addr; }\n\
-             \tchain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n}\n\
+            "table inet oxlet-cni-my_net {\n\tchain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n}\n\
              flush chain inet oxlet-cni-my_net postrouting\n\
-             add rule inet oxlet-cni-my_net postrouting ip saddr @pods4 ip daddr != { 10.1.0.0/24 } ip daddr != 224.0.0.0/4 masquerade\n\
-             add element inet oxlet-cni-my_net pods4 { 10.1.0.2 }\n"
+             add rule inet oxlet-cni-my_net postrouting ip saddr { 10.1.0.0/24, 10.2.0.0/24 } ip daddr != { 10.1.0.0/24, 10.2.0.0/24 } ip daddr != 224.0.0.0/4 masquerade\n"
         );
     }
 
     #[test]
-    fn del_golden() {
-        let s = render_del("n", &["10.1.0.2".parse().unwrap()], false);
-        assert!(s.ends_with("add element inet oxlet-cni-n pods4 { 10.1.0.2 }\ndelete element inet oxlet-cni-n pods4 { 10.1.0.2 }\n"));
-        assert!(render_del("n", &[], true).ends_with("delete table inet oxlet-cni-n\n"));
+    fn table_exists_over_netlink() {
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let net = format!("unit-{}", std::process::id());
+        assert!(!table_exists(&net).unwrap());
+        apply(render_add(
+            &net,
+            &[IpNet::parse("10.243.126.0/24").unwrap()],
+        ))
+        .unwrap();
+        assert!(table_exists(&net).unwrap());
+        apply(render_drop(&net)).unwrap();
+        apply(render_drop(&net)).unwrap();
+        assert!(!table_exists(&net).unwrap());
+    }
+
+    #[test]
+    fn drop_golden() {
+        assert_eq!(
+            render_drop("n"),
+            "table inet oxlet-cni-n\ndelete table inet oxlet-cni-n\n"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! ADD: IPAM, then (while `nft` runs) bridge, veth pair, pod interface, addresses and routes.
-//! Any failure after IPAM undoes what was done: veth, IP, masquerade element.
+//! Any failure after IPAM undoes what was done: veth, IP (and the masquerade table with the
+//! network's last IP).
 
 use super::{random_mac, Ctx, Ipam};
 use crate::ipam::{IpNet, Store};
@@ -28,12 +29,16 @@ pub(super) async fn add(ctx: &Ctx) -> Result<CniResult, CniError> {
     })?;
     let addressing = ipam_add(ctx)?;
     let ips: Vec<IpAddr> = addressing.ips.iter().map(|(n, _)| n.addr).collect();
-    let pending = if ctx.conf.ip_masq && !ips.is_empty() {
+    // The network's masquerade rules: created by its first pod, running while netlink works.
+    let pending = if ctx.conf.ip_masq
+        && !ips.is_empty()
+        && !masq::table_exists(&ctx.conf.name).unwrap_or(false)
+    {
         let nets: Vec<IpNet> = addressing.ips.iter().map(|(n, _)| *n).collect();
-        match masq::spawn(masq::render_add(&ctx.conf.name, &ctx.subnets(&nets), &ips)) {
+        match masq::spawn(masq::render_add(&ctx.conf.name, &ctx.subnets(&nets))) {
             Ok(p) => Some(p),
             Err(e) => {
-                undo(ctx, &ips, None).await;
+                undo(ctx).await;
                 return Err(e.into());
             }
         }
@@ -45,11 +50,11 @@ pub(super) async fn add(ctx: &Ctx) -> Result<CniResult, CniError> {
     match (configured, masq_done) {
         (Ok(r), Ok(_)) => Ok(r),
         (Err(e), _) => {
-            undo(ctx, &ips, Some(&netns)).await;
+            undo(ctx).await;
             Err(e)
         }
         (Ok(_), Err(e)) => {
-            undo(ctx, &ips, Some(&netns)).await;
+            undo(ctx).await;
             Err(e.into())
         }
     }
@@ -105,12 +110,12 @@ fn ipam_add(ctx: &Ctx) -> Result<Addressing, CniError> {
 }
 
 /// Best-effort rollback after a failed ADD.
-async fn undo(ctx: &Ctx, ips: &[IpAddr], _netns: Option<&File>) {
+async fn undo(ctx: &Ctx) {
     if let Ok((conn, h, _)) = rtnetlink::new_connection() {
         tokio::spawn(conn);
         let _ = link::del_by_name(&h, &ctx.host_veth()).await;
     }
-    let _ = super::del::release(ctx, ips);
+    let _ = super::del::release(ctx);
 }
 
 async fn configure(ctx: &Ctx, netns: &File, a: &Addressing) -> Result<CniResult, CniError> {
@@ -122,12 +127,30 @@ async fn configure(ctx: &Ctx, netns: &File, a: &Addressing) -> Result<CniResult,
         .map_err(|e| CniError::internal(format!("netlink socket in {}: {e}", ctx.env.netns)))?;
     tokio::spawn(pconn);
 
-    let mtu = match conf.mtu {
-        Some(m) => m,
-        None => uplink_mtu(&h).await?,
-    };
-    let bridge =
-        link::ensure_bridge(&h, conf.bridge_name(), mtu, conf.promisc_mode, random_mac()).await?;
+    // `lo` is always index 1 in a network namespace; bring it up meanwhile.
+    let lo = tokio::spawn({
+        let ph = ph.clone();
+        async move { link::set_up(&ph, 1).await }
+    });
+    let (mtu, found) = tokio::join!(
+        async {
+            match conf.mtu {
+                Some(m) => Ok(m),
+                None => uplink_mtu(&h).await,
+            }
+        },
+        link::get(&h, conf.bridge_name())
+    );
+    let (mtu, found) = (mtu?, found?);
+    let bridge = link::ensure_bridge(
+        &h,
+        conf.bridge_name(),
+        found,
+        mtu,
+        conf.promisc_mode,
+        random_mac(),
+    )
+    .await?;
     let bidx = bridge.header.index;
     if conf.is_gateway {
         for (net, gw) in &a.ips {
@@ -212,6 +235,8 @@ async fn configure(ctx: &Ctx, netns: &File, a: &Addressing) -> Result<CniResult,
     let (hs, ps) = tokio::join!(host_side, pod_side);
     hs?;
     ps?;
+    lo.await
+        .map_err(|e| CniError::internal(format!("bringing lo up: {e}")))??;
 
     let sandbox = ctx.env.netns.clone();
     Ok(CniResult {
@@ -248,15 +273,13 @@ async fn configure(ctx: &Ctx, netns: &File, a: &Addressing) -> Result<CniResult,
     })
 }
 
-/// Inside the pod: `lo` and the interface up, addresses, routes.
+/// Inside the pod: the interface up, addresses, routes.
 async fn configure_pod(
     ph: &rtnetlink::Handle,
     ifname: &str,
     a: &Addressing,
     routes: &[Route],
 ) -> Result<(), CniError> {
-    // `lo` is always index 1 in a network namespace.
-    link::set_up(ph, 1).await?;
     let pod = link::get(ph, ifname)
         .await?
         .ok_or_else(|| CniError::internal(format!("{ifname} did not appear in the pod netns")))?;

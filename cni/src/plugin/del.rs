@@ -1,36 +1,29 @@
 //! DEL: always succeeds when there is nothing left to remove, with or without the netns.
-//! Frees the IPs, the masquerade elements (the network's table with its last pod) and the host veth.
+//! Frees the host veth, the IPs and, with the network's last IP, its masquerade table.
 
-use super::{result_ips, Ctx, Ipam};
+use super::{Ctx, Ipam};
 use crate::ipam::Store;
 use crate::link;
 use crate::masq;
 use crate::types::CniError;
-use std::net::IpAddr;
 
 pub(super) async fn del(ctx: &Ctx) -> Result<(), CniError> {
-    let mut known = match ctx.prev_result() {
-        Ok(Some(r)) => result_ips(&r),
-        _ => Vec::new(),
-    };
-    known.dedup();
     // The veth goes first: a pod must not keep an address that IPAM already handed out again.
     let (conn, h, _) = rtnetlink::new_connection()
         .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;
     tokio::spawn(conn);
     link::del_by_name(&h, &ctx.host_veth()).await?;
-    release(ctx, &known)
+    release(ctx)
 }
 
-/// Frees the attachment's IPs and their masquerade elements; `extra` are IPs known from elsewhere
-/// (prevResult, a failed ADD). Runs nft under the IPAM lock so a concurrent ADD cannot lose its
-/// element when the network's table goes away with its last pod.
-pub(super) fn release(ctx: &Ctx, extra: &[IpAddr]) -> Result<(), CniError> {
-    let mut ips: Vec<IpAddr> = extra.to_vec();
+/// Frees the attachment's IPs; with the network's last IP, its masquerade table. nft runs under
+/// the IPAM lock: an ADD allocates under that lock before it looks for the table, so it either
+/// counts as remaining here or finds the table gone and creates it again.
+pub(super) fn release(ctx: &Ctx) -> Result<(), CniError> {
     let (_store, remaining) = match &ctx.ipam {
         Ipam::HostLocal { dir, .. } => {
             let store = Store::open(dir, &ctx.conf.name)?;
-            ips.extend(store.release_attachment(&ctx.env.container_id, &ctx.env.ifname)?);
+            store.release_attachment(&ctx.env.container_id, &ctx.env.ifname)?;
             let remaining = store.allocations()?.len();
             (Some(store), remaining)
         }
@@ -40,10 +33,8 @@ pub(super) fn release(ctx: &Ctx, extra: &[IpAddr]) -> Result<(), CniError> {
         }
         Ipam::None => (None, usize::MAX),
     };
-    ips.sort();
-    ips.dedup();
-    if ctx.conf.ip_masq && (!ips.is_empty() || remaining == 0) {
-        masq::apply(masq::render_del(&ctx.conf.name, &ips, remaining == 0))?;
+    if ctx.conf.ip_masq && remaining == 0 {
+        masq::apply(masq::render_drop(&ctx.conf.name))?;
     }
     Ok(())
 }

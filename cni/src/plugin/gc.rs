@@ -7,7 +7,8 @@ use crate::masq;
 use crate::types::{code, Attachment, CniError};
 use std::collections::HashSet;
 
-/// Removes IPs, host veths and masquerade elements of attachments not in `cni.dev/valid-attachments`.
+/// Removes IPs and host veths of attachments not in `cni.dev/valid-attachments` (and the
+/// network's masquerade table when no IP is left).
 pub(super) async fn gc(ctx: &Ctx) -> Result<(), CniError> {
     let valid: HashSet<Attachment> = ctx
         .conf
@@ -37,8 +38,8 @@ pub(super) async fn gc(ctx: &Ctx) -> Result<(), CniError> {
                 .collect();
             store.release(&stale)?;
             let remaining = all.len() - stale.len();
-            if ctx.conf.ip_masq && (!stale.is_empty() || remaining == 0) {
-                masq::apply(masq::render_del(&ctx.conf.name, &stale, remaining == 0))?;
+            if ctx.conf.ip_masq && remaining == 0 {
+                masq::apply(masq::render_drop(&ctx.conf.name))?;
             }
         }
         Ipam::Delegate { .. } => {

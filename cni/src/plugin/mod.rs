@@ -12,7 +12,6 @@ use crate::link::LinkError;
 use crate::masq::MasqError;
 use crate::types::{self, code, CniError, CniResult};
 use serde_json::{json, Value};
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 impl From<IpamError> for CniError {
@@ -216,15 +215,6 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
 /// Whether a link name is one of ours.
 pub fn is_host_veth_name(name: &str) -> bool {
     name.len() == 15 && name.starts_with("vox") && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-/// IPs in a result, as addresses.
-pub(crate) fn result_ips(r: &CniResult) -> Vec<IpAddr> {
-    r.ips
-        .iter()
-        .filter_map(|ip| crate::ipam::IpNet::parse(&ip.address))
-        .map(|n| n.addr)
-        .collect()
 }
 
 /// Random locally administered unicast MAC.
