@@ -1,17 +1,193 @@
 //! `oxlet image pull|list|remove|import`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Subcommand;
-use std::path::Path;
+use runtime::image::{DockerConfig, ImageStore, Progress, PullOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
     /// Pull an image from a registry.
-    Pull { reference: String },
+    Pull {
+        /// A registry (host or host:port) to reach over plain HTTP; loopback always is.
+        #[arg(long = "insecure", value_name = "REG")]
+        insecure: Vec<String>,
+        /// Credentials in Docker config JSON format (what imagePullSecrets hold).
+        #[arg(long, value_name = "FILE")]
+        auth_file: Option<PathBuf>,
+        /// Image reference, e.g. busybox or 127.0.0.1:5000/test/busybox:latest.
+        reference: String,
+    },
+    /// List stored images.
+    #[command(alias = "ls")]
+    List,
+    /// Remove an image's tag and the content no other image or container uses.
+    #[command(alias = "rm")]
+    Remove { reference: String },
+    /// Import an OCI archive or a `docker save` tarball.
+    Import { file: PathBuf },
 }
 
-pub fn run(_data_dir: &Path, cmd: ImageCommand) -> Result<()> {
+pub fn run(data_dir: &Path, cmd: ImageCommand) -> Result<()> {
+    let store = ImageStore::open(data_dir.join("images"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start async runtime")?;
     match cmd {
-        ImageCommand::Pull { reference } => anyhow::bail!("image pull {reference}: not built yet"),
+        ImageCommand::Pull {
+            insecure,
+            auth_file,
+            reference,
+        } => {
+            let auth = match auth_file {
+                Some(p) => {
+                    let data =
+                        std::fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+                    DockerConfig::from_json(&data)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("auth file {}", p.display()))?
+                }
+                None => DockerConfig::default(),
+            };
+            let opts = PullOptions {
+                auth,
+                insecure_registries: insecure,
+                progress: Some(progress_printer(std::io::stderr().is_terminal())),
+            };
+            let img = rt.block_on(store.pull(&reference, &opts))?;
+            println!("{} {}", img.reference, img.digest);
+        }
+        ImageCommand::List => {
+            let images = store.list()?;
+            let rows: Vec<[String; 3]> = images
+                .iter()
+                .map(|i| [i.reference.clone(), i.digest.clone(), human_size(i.size)])
+                .collect();
+            print_table(["REFERENCE", "DIGEST", "SIZE"], &rows);
+        }
+        ImageCommand::Remove { reference } => {
+            store.remove(&reference)?;
+            println!("removed {reference}");
+        }
+        ImageCommand::Import { file } => {
+            for img in rt.block_on(store.import(&file))? {
+                println!("{} {}", img.reference, img.digest);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Progress on stderr: on a terminal one self-updating line per layer with bytes so far,
+/// otherwise (logs, pipes) a single line per finished layer.
+fn progress_printer(tty: bool) -> runtime::image::ProgressFn {
+    let last_len = Arc::new(Mutex::new(0usize));
+    Arc::new(move |p: &Progress| {
+        let mut err = std::io::stderr().lock();
+        let mut last = last_len.lock().unwrap_or_else(|e| e.into_inner());
+        match p {
+            Progress::LayerStart { digest, size } if tty => {
+                let line = format!("{}: 0 B / {}", short(digest), human_size(*size));
+                let _ = write!(err, "{line}");
+                *last = line.len();
+            }
+            Progress::LayerBytes {
+                digest,
+                downloaded,
+                size,
+            } if tty => {
+                let line = format!(
+                    "{}: {} / {}",
+                    short(digest),
+                    human_size(*downloaded),
+                    human_size(*size)
+                );
+                let pad = last.saturating_sub(line.len());
+                let _ = write!(err, "\r{line}{}", " ".repeat(pad));
+                *last = line.len();
+            }
+            Progress::LayerDone {
+                digest,
+                size,
+                cached,
+            } => {
+                let what = if *cached {
+                    "already present"
+                } else {
+                    "downloaded"
+                };
+                let line = format!("{}: {what} ({})", short(digest), human_size(*size));
+                if tty && !*cached {
+                    let pad = last.saturating_sub(line.len());
+                    let _ = writeln!(err, "\r{line}{}", " ".repeat(pad));
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
+                *last = 0;
+            }
+            _ => {}
+        }
+        let _ = err.flush();
+    })
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}
+
+fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(1023), "1023 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(3 << 20), "3.0 MiB");
+        assert_eq!(short("sha256:0123456789abcdef"), "0123456789ab");
     }
 }
