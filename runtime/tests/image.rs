@@ -487,3 +487,201 @@ fn import_oci_and_docker_archives() {
     let e = rt.block_on(env.store.import(&bad)).unwrap_err();
     assert_eq!(e.reason(), "ErrImagePull");
 }
+
+/// A tiny registry speaking the token flow (the test bed's registries only do Basic auth):
+/// every /v2/ request needs `Bearer good-token`, which /token hands out for oxlet:pw.
+/// `test/bad` serves a layer whose bytes do not match its digest.
+struct FakeRegistry {
+    addr: String,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn fake_registry() -> FakeRegistry {
+    use base64::Engine;
+    use std::collections::HashMap;
+    use std::io::{BufRead, BufReader, Write};
+
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(6);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    layer.append_data(&mut h, "hello", &b"hello\n"[..]).unwrap();
+    let layer = layer.into_inner().unwrap();
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Cmd":["/hello"]}},"rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+        digest(&layer)
+    );
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        digest(config.as_bytes()),
+        config.len(),
+        digest(&layer),
+        layer.len()
+    );
+    let mut routes: HashMap<String, (String, Vec<u8>)> = HashMap::new();
+    let oci = "application/vnd.oci.image.manifest.v1+json".to_string();
+    for repo in ["test/tok", "test/bad"] {
+        routes.insert(
+            format!("/v2/{repo}/manifests/v1"),
+            (oci.clone(), manifest.clone().into_bytes()),
+        );
+        routes.insert(
+            format!("/v2/{repo}/blobs/{}", digest(config.as_bytes())),
+            (
+                "application/octet-stream".into(),
+                config.clone().into_bytes(),
+            ),
+        );
+    }
+    routes.insert(
+        format!("/v2/test/tok/blobs/{}", digest(&layer)),
+        ("application/octet-stream".into(), layer.clone()),
+    );
+    let mut tampered = layer.clone();
+    tampered[513] ^= 1; // inside the file data: same size, other bytes
+    routes.insert(
+        format!("/v2/test/bad/blobs/{}", digest(&layer)),
+        ("application/octet-stream".into(), tampered),
+    );
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = requests.clone();
+    let realm = format!("http://{addr}/token");
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("oxlet:pw")
+    );
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let target = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut auth = String::new();
+            loop {
+                let mut l = String::new();
+                if reader.read_line(&mut l).unwrap_or(0) == 0 || l == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = l.split_once(':') {
+                    if k.eq_ignore_ascii_case("authorization") {
+                        auth = v.trim().to_string();
+                    }
+                }
+            }
+            log.lock().unwrap().push(format!("{target} {auth}"));
+            let (status, headers, body): (&str, String, Vec<u8>) = if target.starts_with("/token") {
+                if auth == basic {
+                    (
+                        "200 OK",
+                        "Content-Type: application/json\r\n".into(),
+                        br#"{"token":"good-token"}"#.to_vec(),
+                    )
+                } else {
+                    ("401 Unauthorized", String::new(), Vec::new())
+                }
+            } else if auth != "Bearer good-token" {
+                (
+                    "401 Unauthorized",
+                    format!("WWW-Authenticate: Bearer realm=\"{realm}\",service=\"fake\",scope=\"repository:test/tok:pull\"\r\nContent-Type: application/json\r\n"),
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#.to_vec(),
+                )
+            } else if let Some((ctype, body)) = routes.get(&target) {
+                ("200 OK", format!("Content-Type: {ctype}\r\n"), body.clone())
+            } else {
+                ("404 Not Found", String::new(), Vec::new())
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(&body);
+        }
+    });
+    FakeRegistry { addr, requests }
+}
+
+#[test]
+fn bearer_token_flow_and_layer_digest_mismatch() {
+    let mut env = Env::new();
+    let fake = fake_registry();
+    let rt = rt();
+    let reference = format!("{}/test/tok:v1", fake.addr);
+
+    let e = rt
+        .block_on(env.store.pull(&reference, &PullOptions::default()))
+        .unwrap_err();
+    assert_eq!(e.reason(), "ErrImagePull");
+    assert!(e.to_string().contains("401"), "{e}");
+
+    let mut creds = DockerConfig::default();
+    creds.insert(
+        &fake.addr,
+        Credentials {
+            username: "oxlet".into(),
+            password: "pw".into(),
+        },
+    );
+    let opts = PullOptions {
+        auth: creds,
+        ..Default::default()
+    };
+    let img = rt.block_on(env.store.pull(&reference, &opts)).unwrap();
+    let r = env.mount(&img, "tok");
+    assert_eq!(fs::read(r.join("hello")).unwrap(), b"hello\n");
+    let reqs = fake.requests.lock().unwrap().clone();
+    assert!(
+        reqs.iter()
+            .any(|r| r
+                .starts_with("/token?service=fake&scope=repository%3Atest%2Ftok%3Apull Basic ")),
+        "{reqs:#?}"
+    );
+    assert!(reqs
+        .iter()
+        .any(|r| r.contains("/blobs/") && r.ends_with("Bearer good-token")));
+
+    // The same layer digest with other bytes, into a fresh store (the first store already
+    // holds the verified blob, so it would rightly not download it again).
+    let fresh = Env::new();
+    let e = rt
+        .block_on(
+            fresh
+                .store
+                .pull(&format!("{}/test/bad:v1", fake.addr), &opts),
+        )
+        .unwrap_err();
+    assert_eq!(e.reason(), "ErrImagePull");
+    assert!(e.to_string().contains("digest mismatch"), "{e}");
+    assert_eq!(fresh.count("tmp"), 0);
+    assert_eq!(fresh.count("snapshots"), 0);
+    assert!(fresh.store.list().unwrap().is_empty());
+}
+
+#[test]
+fn repull_of_a_moved_tag_collects_the_old_content() {
+    let env = Env::new();
+    let rt = rt();
+    // Plant test/layers' content under busybox's tag, as if the tag had moved since.
+    let tarball = env.tmp.path().join("old.tar");
+    skopeo(&format!(
+        "docker-archive:{}:{REG}/test/busybox:latest",
+        tarball.display()
+    ));
+    rt.block_on(env.store.import(&tarball)).unwrap();
+    assert_eq!(env.count("snapshots"), 3);
+    let img = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
+    assert_eq!(img.layers.len(), 1);
+    assert_eq!(env.count("snapshots"), 1);
+    assert_eq!(env.count("blobs/sha256"), 3);
+}

@@ -16,7 +16,7 @@ pub(crate) async fn pull(store: &ImageStore, r: Reference, opts: &PullOptions) -
     // Shared lock for the whole pull: garbage collection (exclusive) must not delete blobs
     // or snapshots between our download and our record write.
     let lock_store = store.clone();
-    let _lock = blocking(move || lock_store.lock(false)).await?;
+    let lock = blocking(move || lock_store.lock(false)).await?;
     info!(reference = %name, "pulling image");
 
     let mut reg = Registry::new(&r, opts).map_err(perr)?;
@@ -140,14 +140,23 @@ pub(crate) async fn pull(store: &ImageStore, r: Reference, opts: &PullOptions) -
         layers: layers.iter().map(|(l, _)| l.clone()).collect(),
     };
     let s = store.clone();
-    let image = blocking(move || {
+    let (image, previous) = blocking(move || {
         for (layer, compression) in &layers {
             s.ensure_snapshot(layer, Some(*compression))?;
         }
+        let previous = s.read_record(&record.reference).ok().flatten();
         s.write_record(&record)?;
-        s.image_from_record(record)
+        Ok((s.image_from_record(record)?, previous))
     })
     .await?;
     info!(reference = %name, digest = %image.digest, "pulled image");
+    drop(lock);
+    if previous.is_some_and(|p| p.digest != image.digest) {
+        // The tag moved: what only the old content used is garbage now.
+        let s = store.clone();
+        if let Err(e) = blocking(move || s.gc_if_idle()).await {
+            tracing::warn!("garbage collection after pull: {e}");
+        }
+    }
     Ok(image)
 }

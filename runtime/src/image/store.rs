@@ -197,6 +197,23 @@ impl ImageStore {
         self.gc_locked()
     }
 
+    /// Garbage-collects unless a pull, import or mount holds the store right now (then the
+    /// next collection catches up). Used after a re-pull moved a tag to new content.
+    pub(crate) fn gc_if_idle(&self) -> Result<()> {
+        let p = self.root.join("lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(Error::io(&p))?;
+        if f.try_lock_exclusive().is_err() {
+            debug!("store busy; skipping garbage collection");
+            return Ok(());
+        }
+        self.gc_locked()
+    }
+
     fn gc_locked(&self) -> Result<()> {
         let mut blobs = HashSet::new();
         let mut snaps = HashSet::new();
@@ -360,7 +377,7 @@ impl ImageStore {
         write_atomic(&self.record_path(&rec.reference), &data)
     }
 
-    fn read_record(&self, reference: &str) -> Result<Option<Record>> {
+    pub(crate) fn read_record(&self, reference: &str) -> Result<Option<Record>> {
         let p = self.record_path(reference);
         match fs::read(&p) {
             Ok(data) => serde_json::from_slice(&data)

@@ -113,9 +113,13 @@ pub(crate) fn unpack_tar(reader: impl Read, dest: &Path) -> Result<(), String> {
             continue;
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.starts_with(WHITEOUT_PREFIX) || hidden.is_empty() {
+            if hidden.starts_with(WHITEOUT_PREFIX) {
                 // Other AUFS metadata (.wh..wh.plnk and friends) has no overlayfs meaning.
                 continue;
+            }
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                // `.wh..` would otherwise delete the parent's parent.
+                return Err(ctx("whiteout of an invalid name".into()));
             }
             let target = parent.join(hidden);
             remove_existing(&target).map_err(ctx)?;
@@ -433,6 +437,21 @@ mod tests {
         raw_entry(&mut b, "h", tar::EntryType::Link, "../../etc/passwd", b"");
         let data = b.into_inner().unwrap();
         assert!(unpack_tar(&data[..], &tmp.path().join("snap2")).is_err());
+    }
+
+    #[test]
+    fn whiteout_of_dot_or_dotdot_is_rejected() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (i, name) in ["a/.wh..", "a/.wh...", "a/.wh."].iter().enumerate() {
+            let mut b = tar::Builder::new(Vec::new());
+            raw_entry(&mut b, "a/keep", tar::EntryType::Regular, "", b"k");
+            raw_entry(&mut b, name, tar::EntryType::Regular, "", b"");
+            let data = b.into_inner().unwrap();
+            let dest = tmp.path().join(format!("snap{i}"));
+            let err = unpack_tar(&data[..], &dest).unwrap_err();
+            assert!(err.contains("invalid name"), "{name}: {err}");
+            assert!(dest.join("a/keep").is_file(), "{name} deleted a sibling");
+        }
     }
 
     #[test]
