@@ -51,6 +51,9 @@ pub enum EventKind {
 pub struct Event {
     pub kind: EventKind,
     pub entry: Entry,
+    /// The value before a `Modified` change (None when compacted away or not a modification):
+    /// lets filtered watches see objects leave or enter their selection.
+    pub prev: Option<Vec<u8>>,
 }
 
 /// What a read-modify-write does with the key.
@@ -274,9 +277,14 @@ impl Store {
             create_rev: rev.1,
         };
         // No receivers is fine: nobody is watching.
+        let prev = match kind {
+            EventKind::Modified => cur.map(|c| c.value),
+            _ => None,
+        };
         let _ = inner.events.send(Arc::new(Event {
             kind,
             entry: e.clone(),
+            prev,
         }));
         Ok(Some(e))
     }
@@ -296,7 +304,8 @@ impl Store {
         // no gap and no duplicate between the two.
         let live = inner.events.subscribe();
         let sql = format!(
-            "SELECT {ENTRY_COLS}, l.created, l.deleted FROM log l
+            "SELECT {ENTRY_COLS}, l.created, l.deleted, p.value FROM log l
+             LEFT JOIN log p ON p.rev = l.prev_rev
              WHERE l.rev > ?1 AND l.key >= ?2 AND l.key < ?3 ORDER BY l.rev"
         );
         let mut stmt = conn.prepare_cached(&sql)?;
@@ -310,9 +319,14 @@ impl Store {
             } else {
                 EventKind::Modified
             };
+            let prev = match kind {
+                EventKind::Modified => row.get(6)?,
+                _ => None,
+            };
             backlog.push(Event {
                 kind,
                 entry: entry(row)?,
+                prev,
             });
         }
         Ok(Watch {

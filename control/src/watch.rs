@@ -15,7 +15,7 @@ use crate::http::{self, flag, Body};
 use crate::registry::{decode, Registry};
 use crate::rest::{list_options, Call};
 use crate::status::{ApiError, ApiResult};
-use crate::store::{EventKind, StoreError};
+use crate::store::{Event, EventKind, StoreError};
 use crate::table;
 
 const BOOKMARK_EVERY: Duration = Duration::from_secs(30);
@@ -26,6 +26,24 @@ fn kind_name(k: EventKind) -> &'static str {
         EventKind::Added => "ADDED",
         EventKind::Modified => "MODIFIED",
         EventKind::Deleted => "DELETED",
+    }
+}
+
+/// The event a selecting watch shows for a change: a modification that moves an object into
+/// the selection is ADDED, out of it DELETED, as the real server's watch cache does.
+fn filtered(ev: &Event, matches: &impl Fn(&Value) -> bool) -> Option<(&'static str, Value)> {
+    let o = decode(&ev.entry);
+    let now = matches(&o);
+    let before = ev
+        .prev
+        .as_ref()
+        .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+        .map(|p| matches(&p));
+    match (ev.kind, now, before) {
+        (EventKind::Modified, true, Some(false)) => Some(("ADDED", o)),
+        (EventKind::Modified, false, Some(true)) => Some(("DELETED", o)),
+        (_, true, _) => Some((kind_name(ev.kind), o)),
+        _ => None,
     }
 }
 
@@ -129,9 +147,10 @@ pub fn watch(reg: &Registry, c: Call) -> ApiResult<Response<Body>> {
         }
         for ev in std::mem::take(&mut w.backlog) {
             last = ev.entry.rev;
-            let o = decode(&ev.entry);
-            if matches(&o) && !em.send(&c, kind_name(ev.kind), o).await {
-                return;
+            if let Some((ty, o)) = filtered(&ev, &matches) {
+                if !em.send(&c, ty, o).await {
+                    return;
+                }
             }
         }
         last = last.max(w.seen_rev);
@@ -154,9 +173,10 @@ pub fn watch(reg: &Registry, c: Call) -> ApiResult<Response<Body>> {
                             continue;
                         }
                         last = ev.entry.rev;
-                        let o = decode(&ev.entry);
-                        if matches(&o) && !em.send(&c, kind_name(ev.kind), o).await {
-                            return;
+                        if let Some((ty, o)) = filtered(&ev, &matches) {
+                            if !em.send(&c, ty, o).await {
+                                return;
+                            }
                         }
                     }
                     // Fell behind or shut down: end the stream; the client resumes from the

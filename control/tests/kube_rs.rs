@@ -387,6 +387,18 @@ async fn watch_resume_and_gone() -> Result<()> {
         .await??
         .unwrap();
     assert!(matches!(ev, WatchEvent::Added(c) if c.metadata.name.as_deref() == Some("d")));
+    // Leaving the selection is a DELETED event, entering it an ADDED one.
+    let label = |v: &str| Patch::Merge(json!({"metadata": {"labels": {"pick": v}}}));
+    cms.patch("d", &PatchParams::default(), &label("no"))
+        .await?;
+    cms.patch("e", &PatchParams::default(), &label("yes"))
+        .await?;
+    let next = tokio::time::timeout(Duration::from_secs(5), lw.try_next()).await??;
+    assert!(
+        matches!(next, Some(WatchEvent::Deleted(c)) if c.metadata.name.as_deref() == Some("d"))
+    );
+    let next = tokio::time::timeout(Duration::from_secs(5), lw.try_next()).await??;
+    assert!(matches!(next, Some(WatchEvent::Added(c)) if c.metadata.name.as_deref() == Some("e")));
 
     // After compaction, an old revision is gone: 410 in the stream, as the real server.
     let store = &ts.server.as_ref().unwrap().registry.store;
