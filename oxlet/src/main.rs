@@ -20,6 +20,15 @@ enum Command {
     /// Manage images: pull, list, remove, import.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Run the embedded Kubernetes API server (HTTPS) until SIGTERM or Ctrl-C.
+    Up {
+        /// HTTPS port of the API server.
+        #[arg(long, default_value_t = 6443)]
+        port: u16,
+        /// Where to write the admin kubeconfig.
+        #[arg(long, default_value = "/etc/oxlet/admin.kubeconfig")]
+        kubeconfig: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -33,5 +42,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Image(cmd) => image_cmd::run(&cli.data_dir, cmd),
+        Command::Up { port, kubeconfig } => {
+            let mut cfg = control::Config::new(&cli.data_dir);
+            cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+            cfg.kubeconfig = kubeconfig;
+            Ok(control::up(cfg)?)
+        }
     }
 }
