@@ -259,3 +259,34 @@ async fn kubectl_get_pods_table_and_describe() -> Result<()> {
     assert!(!out.contains("node-1"), "{out}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_get_watch_shows_new_objects() -> Result<()> {
+    use std::process::{Command, Stdio};
+    let ts = TestServer::start().await?;
+    ok(ts.kubectl(33, &["create", "configmap", "before"]));
+    let mut child = Command::new(common::kubectl_path(33))
+        .arg("--kubeconfig")
+        .arg(&ts.kubeconfig)
+        .args(["get", "configmaps", "-w"])
+        .env("HOME", ts.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    ok(ts.kubectl(30, &["create", "configmap", "during", "--from-literal=a=b"]));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    child.kill()?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(headers(lines[0]), ["NAME", "DATA", "AGE"], "{text}");
+    assert!(lines.iter().any(|l| l.starts_with("before ")), "{text}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("during ") && l.contains(" 1 ")),
+        "{text}"
+    );
+    Ok(())
+}
