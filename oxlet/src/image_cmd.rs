@@ -81,54 +81,50 @@ pub fn run(data_dir: &Path, cmd: ImageCommand) -> Result<()> {
     Ok(())
 }
 
-/// Progress on stderr: on a terminal one self-updating line per layer with bytes so far,
-/// otherwise (logs, pipes) a single line per finished layer.
+/// Progress on stderr: on a terminal, a status line with the bytes so far of every layer being
+/// downloaded (layers download in parallel) and a line per finished layer; otherwise (logs,
+/// pipes) only the line per finished layer.
 fn progress_printer(tty: bool) -> runtime::image::ProgressFn {
-    let last_len = Arc::new(Mutex::new(0usize));
+    // Active downloads in start order: (short digest, downloaded, size).
+    let active: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::default();
     Arc::new(move |p: &Progress| {
+        let mut active = active.lock().unwrap_or_else(|e| e.into_inner());
         let mut err = std::io::stderr().lock();
-        let mut last = last_len.lock().unwrap_or_else(|e| e.into_inner());
         match p {
-            Progress::LayerStart { digest, size } if tty => {
-                let line = format!("{}: 0 B / {}", short(digest), human_size(*size));
-                let _ = write!(err, "{line}");
-                *last = line.len();
+            Progress::LayerStart { digest, size } => {
+                active.push((short(digest).to_string(), 0, *size));
             }
             Progress::LayerBytes {
-                digest,
-                downloaded,
-                size,
-            } if tty => {
-                let line = format!(
-                    "{}: {} / {}",
-                    short(digest),
-                    human_size(*downloaded),
-                    human_size(*size)
-                );
-                let pad = last.saturating_sub(line.len());
-                let _ = write!(err, "\r{line}{}", " ".repeat(pad));
-                *last = line.len();
+                digest, downloaded, ..
+            } => {
+                if let Some(a) = active.iter_mut().find(|a| a.0 == short(digest)) {
+                    a.1 = *downloaded;
+                }
             }
             Progress::LayerDone {
                 digest,
                 size,
                 cached,
             } => {
+                active.retain(|a| a.0 != short(digest));
                 let what = if *cached {
                     "already present"
                 } else {
                     "downloaded"
                 };
-                let line = format!("{}: {what} ({})", short(digest), human_size(*size));
-                if tty && !*cached {
-                    let pad = last.saturating_sub(line.len());
-                    let _ = writeln!(err, "\r{line}{}", " ".repeat(pad));
-                } else {
-                    let _ = writeln!(err, "{line}");
+                if tty {
+                    let _ = write!(err, "\r\x1b[K");
                 }
-                *last = 0;
+                let _ = writeln!(err, "{}: {what} ({})", short(digest), human_size(*size));
             }
-            _ => {}
+        }
+        if tty {
+            let status: Vec<String> = active
+                .iter()
+                .map(|(d, got, size)| format!("{d}: {} / {}", human_size(*got), human_size(*size)))
+                .collect();
+            // \r + erase line: redraw the one status line in place.
+            let _ = write!(err, "\r\x1b[K{}", status.join("  "));
         }
         let _ = err.flush();
     })

@@ -206,3 +206,27 @@ fn is_mountpoint(p: &Path) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_options_top_layer_first_and_page_limit() {
+        let lowers = vec![PathBuf::from("/s/top"), PathBuf::from("/s/base")];
+        let data = overlay_options(&lowers, Path::new("/c/upper"), Path::new("/c/work")).unwrap();
+        assert_eq!(
+            data,
+            "lowerdir=/s/top:/s/base,upperdir=/c/upper,workdir=/c/work"
+        );
+
+        let many: Vec<PathBuf> = (0..200)
+            .map(|i| PathBuf::from(format!("/var/lib/oxlet/images/snapshots/{i:064}")))
+            .collect();
+        let err = overlay_options(&many, Path::new("/u"), Path::new("/w")).unwrap_err();
+        assert!(err.contains("200 layers"), "{err}");
+
+        let odd = vec![PathBuf::from("/s/a:b")];
+        assert!(overlay_options(&odd, Path::new("/u"), Path::new("/w")).is_err());
+    }
+}

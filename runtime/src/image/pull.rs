@@ -5,7 +5,14 @@ use super::reference::Reference;
 use super::registry::Registry;
 use super::store::{blocking, parse_config, sha256_hex, ImageStore, Record, RecordLayer};
 use super::{Error, Image, Progress, PullOptions, Result};
+use std::collections::HashSet;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::info;
+
+/// How many layer blobs one pull fetches at once.
+const PARALLEL_DOWNLOADS: usize = 3;
 
 pub(crate) async fn pull(store: &ImageStore, r: Reference, opts: &PullOptions) -> Result<Image> {
     let name = r.to_string();
@@ -86,6 +93,16 @@ pub(crate) async fn pull(store: &ImageStore, r: Reference, opts: &PullOptions) -
         )));
     }
 
+    // Missing layers download concurrently, a few at a time (as docker does): one slow layer
+    // should not serialise the others, and registries throttle wider fan-outs.
+    let report = |p: Progress| {
+        if let Some(f) = &opts.progress {
+            f(&p)
+        }
+    };
+    let limit = Arc::new(Semaphore::new(PARALLEL_DOWNLOADS));
+    let mut downloads = JoinSet::new();
+    let mut started = HashSet::new();
     let mut layers = Vec::with_capacity(manifest.layers.len());
     for (desc, diff_id) in manifest.layers.iter().zip(diff_ids) {
         let compression = layer_compression(&desc.media_type).ok_or_else(|| {
@@ -95,30 +112,37 @@ pub(crate) async fn pull(store: &ImageStore, r: Reference, opts: &PullOptions) -
             ))
         })?;
         let dest = store.blob_path(&desc.digest).map_err(perr)?;
-        let report = |p: Progress| {
-            if let Some(f) = &opts.progress {
-                f(&p)
-            }
-        };
         if dest.exists() {
             report(Progress::LayerDone {
                 digest: desc.digest.clone(),
                 size: desc.size,
                 cached: true,
             });
-        } else {
-            report(Progress::LayerStart {
-                digest: desc.digest.clone(),
-                size: desc.size,
-            });
+        } else if started.insert(desc.digest.clone()) {
+            let mut reg = reg.clone();
+            let (digest, size) = (desc.digest.clone(), desc.size);
             let tmp = store.tmp_path("blob");
-            reg.blob_to_file(&desc.digest, desc.size, &dest, &tmp, opts.progress.as_ref())
-                .await
-                .map_err(|e| perr(format!("layer {}: {e}", desc.digest)))?;
-            report(Progress::LayerDone {
-                digest: desc.digest.clone(),
-                size: desc.size,
-                cached: false,
+            let progress = opts.progress.clone();
+            let limit = limit.clone();
+            downloads.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                if let Some(p) = &progress {
+                    p(&Progress::LayerStart {
+                        digest: digest.clone(),
+                        size,
+                    });
+                }
+                reg.blob_to_file(&digest, size, &dest, &tmp, progress.as_ref())
+                    .await
+                    .map_err(|e| format!("layer {digest}: {e}"))?;
+                if let Some(p) = &progress {
+                    p(&Progress::LayerDone {
+                        digest,
+                        size,
+                        cached: false,
+                    });
+                }
+                Ok::<(), String>(())
             });
         }
         layers.push((
@@ -130,6 +154,15 @@ pub(crate) async fn pull(store: &ImageStore, r: Reference, opts: &PullOptions) -
             },
             compression,
         ));
+    }
+    while let Some(done) = downloads.join_next().await {
+        let result = done.unwrap_or_else(|e| Err(format!("download task: {e}")));
+        if let Err(e) = result {
+            // Dropping the set aborts the other downloads; their temp files are removed by
+            // the next garbage collection.
+            downloads.abort_all();
+            return Err(perr(e));
+        }
     }
 
     let record = Record {

@@ -16,7 +16,9 @@ use tracing::debug;
 /// Manifests and configs are small; a bigger answer is a broken or hostile registry.
 const MAX_DOCUMENT: usize = 8 << 20;
 
-/// A client for one repository of one registry.
+/// A client for one repository of one registry. Clones share the connection pool and start
+/// with the token obtained so far.
+#[derive(Clone)]
 pub(crate) struct Registry {
     http: reqwest::Client,
     /// `scheme://host/v2/path`
