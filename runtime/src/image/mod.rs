@@ -9,6 +9,10 @@
 //! - `Error::reason()` gives the kubelet reason: InvalidImageName, ErrImagePull, ErrImageNeverPull,
 //!   ImageInspectError.
 //!
+//! `pull`, `ensure` and `import` are async (unpacking runs in `spawn_blocking`); `get`, `list`,
+//! `remove`, `gc`, `mount_rootfs` and `unmount_rootfs` are blocking file-system work
+//! (`remove` and `gc` wait for running pulls and imports to finish).
+//!
 //! Store layout under the root (all writes are temp file/dir + rename, so a crash leaves only
 //! `tmp/` leftovers that the next garbage collection removes):
 //! - `blobs/sha256/<hex>`: manifests, configs and compressed layers, verified before rename.

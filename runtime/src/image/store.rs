@@ -263,7 +263,12 @@ impl ImageStore {
                 fs::remove_dir_all(e.path()).map_err(Error::io(e.path()))?;
             }
         }
-        // Under the exclusive lock no pull is running, so anything in tmp/ is a leftover.
+        // Under the exclusive lock no pull is running, so anything in tmp/ is a leftover, and
+        // so are per-layer lock files of failed unpacks.
+        let ldir = self.root.join("locks");
+        for e in fs::read_dir(&ldir).map_err(Error::io(&ldir))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
         let tdir = self.root.join("tmp");
         for e in fs::read_dir(&tdir).map_err(Error::io(&tdir))?.flatten() {
             let p = e.path();
