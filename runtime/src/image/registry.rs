@@ -3,7 +3,6 @@
 use super::auth::{parse_challenge, Challenge, Credentials};
 use super::media::MANIFEST_ACCEPT;
 use super::reference::{host_without_port, Reference};
-use super::store::unique_suffix;
 use super::{Progress, PullOptions};
 use base64::Engine;
 use reqwest::{header, StatusCode};
@@ -199,8 +198,8 @@ impl Registry {
         read_limited(check(resp, "blob").await?).await
     }
 
-    /// Streams a blob into `dest`, checking size and digest before the final rename, so `dest`
-    /// only ever holds verified content.
+    /// Streams a blob into the fresh path `tmp`, checks size and digest, then renames it to
+    /// `dest`, so `dest` only ever holds verified content.
     pub(crate) async fn blob_to_file(
         &mut self,
         digest: &str,
@@ -212,7 +211,6 @@ impl Registry {
         let url = format!("{}/blobs/{digest}", self.base);
         let resp = self.get(&url, None).await?;
         let mut resp = check(resp, "blob").await?;
-        let tmp = tmp.with_extension(unique_suffix());
         let result = async {
             let mut f = tokio::fs::File::create(&tmp)
                 .await
