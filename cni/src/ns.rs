@@ -36,3 +36,15 @@ pub fn connect_in(
         rtnetlink::new_connection().map(|(c, h, _)| (c, h))
     })?
 }
+
+/// [`connect_in`] on a thread started now, so its start overlaps other work; join it later.
+pub fn spawn_connect_in(
+    netns: File,
+    rt: tokio::runtime::Handle,
+) -> std::thread::JoinHandle<io::Result<(Connection<RouteNetlinkMessage>, Handle)>> {
+    std::thread::spawn(move || {
+        setns(&netns, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        let _guard = rt.enter();
+        rtnetlink::new_connection().map(|(c, h, _)| (c, h))
+    })
+}

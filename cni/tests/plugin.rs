@@ -214,6 +214,18 @@ fn ip_masq_rewrites_traffic_leaving_the_pod_subnet() {
     );
     srv.join().unwrap();
 
+    // CHECK sees the network's masquerade rules, and misses them once they are gone.
+    let mut chk: Value = serde_json::from_str(&stdin).unwrap();
+    chk["prevResult"] = r.clone();
+    let out = run_plugin(&vars("CHECK", "mq", &pod), &chk.to_string());
+    assert!(out.0, "{}", out.1);
+    sh_ok(&format!("nft delete table inet {}", f.masq_table()));
+    let out = run_plugin(&vars("CHECK", "mq", &pod), &chk.to_string());
+    assert!(
+        !out.0 && out.1["msg"].as_str().unwrap().contains("masquerade"),
+        "{}",
+        out.1
+    );
     assert!(run_plugin(&vars("DEL", "mq", &pod), &stdin).0);
     assert!(
         !f.table_exists(),

@@ -27,6 +27,11 @@ pub(super) async fn add(ctx: &Ctx) -> Result<CniResult, CniError> {
         )
         .with_details(e)
     })?;
+    // The pod-side netlink socket is opened by a thread of its own; start it before IPAM.
+    let pod_conn = netns
+        .try_clone()
+        .map(|f| ns::spawn_connect_in(f, tokio::runtime::Handle::current()))
+        .map_err(|e| CniError::internal(format!("dup netns fd: {e}")))?;
     let addressing = ipam_add(ctx)?;
     let ips: Vec<IpAddr> = addressing.ips.iter().map(|(n, _)| n.addr).collect();
     // The network's masquerade rules: created by its first pod, running while netlink works.
@@ -45,7 +50,7 @@ pub(super) async fn add(ctx: &Ctx) -> Result<CniResult, CniError> {
     } else {
         None
     };
-    let configured = configure(ctx, &netns, &addressing).await;
+    let configured = configure(ctx, &netns, pod_conn, &addressing).await;
     let masq_done = pending.map(|p| p.wait()).transpose();
     match (configured, masq_done) {
         (Ok(r), Ok(_)) => Ok(r),
@@ -118,12 +123,26 @@ async fn undo(ctx: &Ctx) {
     let _ = super::del::release(ctx);
 }
 
-async fn configure(ctx: &Ctx, netns: &File, a: &Addressing) -> Result<CniResult, CniError> {
+type PodConn = std::thread::JoinHandle<
+    std::io::Result<(
+        rtnetlink::proto::Connection<rtnetlink::packet_route::RouteNetlinkMessage>,
+        rtnetlink::Handle,
+    )>,
+>;
+
+async fn configure(
+    ctx: &Ctx,
+    netns: &File,
+    pod_conn: PodConn,
+    a: &Addressing,
+) -> Result<CniResult, CniError> {
     let conf = &ctx.conf;
     let (conn, h, _) = rtnetlink::new_connection()
         .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;
     tokio::spawn(conn);
-    let (pconn, ph) = ns::connect_in(netns, &tokio::runtime::Handle::current())
+    let (pconn, ph) = pod_conn
+        .join()
+        .map_err(|_| CniError::internal("the netns thread panicked"))?
         .map_err(|e| CniError::internal(format!("netlink socket in {}: {e}", ctx.env.netns)))?;
     tokio::spawn(pconn);
 

@@ -3,6 +3,7 @@
 use super::{Ctx, Ipam};
 use crate::ipam::{IpNet, Store};
 use crate::link;
+use crate::masq;
 use crate::ns;
 use crate::types::{code, CniError};
 
@@ -45,6 +46,15 @@ pub(super) async fn check(ctx: &Ctx) -> Result<(), CniError> {
             ctx.delegate("CHECK")?;
         }
         Ipam::None => {}
+    }
+
+    if ctx.conf.ip_masq && !want.is_empty() && !masq::table_exists(&ctx.conf.name).unwrap_or(false)
+    {
+        return Err(mismatch(format!(
+            "the masquerade table {} of network {} is missing",
+            masq::table_name(&ctx.conf.name),
+            ctx.conf.name
+        )));
     }
 
     let netns = ns::open(&ctx.env.netns).map_err(|e| {

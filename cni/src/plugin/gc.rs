@@ -66,7 +66,7 @@ pub(super) async fn gc(ctx: &Ctx) -> Result<(), CniError> {
             && link::controller_of(&l) == Some(bridge.header.index)
             && !keep.contains(name)
         {
-            link::del_by_name(&h, &name.to_string()).await?;
+            link::del_by_name(&h, name).await?;
         }
     }
     Ok(())
