@@ -179,3 +179,24 @@ fn remove_portmap_leftovers() {
         iptables-save -t nat | grep -q '^-A' || nft delete table ip nat 2>/dev/null; \
         ip6tables-save -t nat | grep -q '^-A' || nft delete table ip6 nat 2>/dev/null; true");
 }
+
+#[test]
+fn loopback_plugin_through_the_client() {
+    // Runtimes attach `lo` as its own network with the reference loopback plugin.
+    let f = Fixture::new();
+    let a = f.netns();
+    let ns = a.trim_start_matches("/run/netns/").to_string();
+    let lo = cni::client::NetworkConfigList::parse(
+        br#"{"cniVersion":"1.0.0","name":"oxt-lo","plugins":[{"type":"loopback"}]}"#,
+        std::path::Path::new("lo"),
+    )
+    .unwrap();
+    let c = f.client(Impl::Reference);
+    let mut r = rt("pod-lo", &a);
+    r.ifname = "lo".into();
+    c.add(&lo, &r).unwrap();
+    assert!(sh_ok(&format!("ip -n {ns} link show lo")).contains(",UP"));
+    c.check(&lo, &r).unwrap();
+    c.del(&lo, &r).unwrap();
+    assert!(c.cached_attachments(&lo).is_empty());
+}
