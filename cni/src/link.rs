@@ -127,6 +127,12 @@ pub fn format_mac(b: &[u8]) -> String {
         .join(":")
 }
 
+pub fn is_veth(m: &LinkMessage) -> bool {
+    m.attributes.iter().any(|a| {
+        matches!(a, LinkAttribute::LinkInfo(infos) if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+    })
+}
+
 fn is_bridge(m: &LinkMessage) -> bool {
     bridge_info(m).is_some()
 }

@@ -200,3 +200,33 @@ fn loopback_plugin_through_the_client() {
     c.del(&lo, &r).unwrap();
     assert!(c.cached_attachments(&lo).is_empty());
 }
+
+#[test]
+fn switching_between_the_plugins_keeps_allocations() {
+    let f = Fixture::new();
+    // One network, one version (the reference reads results up to 1.0.0), two plugins.
+    let ox = f.list_v("1.0.0", vec![f.bridge_conf(Impl::Oxlet, json!({}))]);
+    let rf = f.list_v("1.0.0", vec![f.bridge_conf(Impl::Reference, json!({}))]);
+    let (cox, crf) = (f.client(Impl::Oxlet), f.client(Impl::Reference));
+    let (a, b) = (f.netns(), f.netns());
+    let ra = crf.add(&rf, &rt("sw-a", &a)).unwrap();
+    let rb = cox.add(&ox, &rt("sw-b", &b)).unwrap();
+    assert_ne!(
+        pod_ip(&ra),
+        pod_ip(&rb),
+        "oxlet-bridge sees the reference's allocation"
+    );
+    let file = f.data.path().join(&f.name).join(pod_ip(&rb));
+    assert_eq!(
+        std::fs::read_to_string(file).unwrap(),
+        "sw-b\r\neth0",
+        "the reference's file layout"
+    );
+    // Each plugin checks and deletes what the other one made.
+    cox.check(&ox, &rt("sw-a", &a)).unwrap();
+    crf.check(&rf, &rt("sw-b", &b)).unwrap();
+    cox.del(&ox, &rt("sw-a", &a)).unwrap();
+    crf.del(&rf, &rt("sw-b", &b)).unwrap();
+    assert!(f.ip_files().is_empty(), "{:?}", f.ip_files());
+    f.eventually("ports gone", || f.ports().is_empty());
+}

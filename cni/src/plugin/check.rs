@@ -74,7 +74,13 @@ pub(super) async fn check(ctx: &Ctx) -> Result<(), CniError> {
     let bridge = link::get(&h, ctx.conf.bridge_name())
         .await?
         .ok_or_else(|| mismatch(format!("bridge {} does not exist", ctx.conf.bridge_name())))?;
-    let host = ctx.host_veth();
+    // The host end named in prevResult (another plugin may have made the attachment), else ours.
+    let host = prev
+        .interfaces
+        .iter()
+        .find(|i| i.sandbox.is_empty() && i.name != ctx.conf.bridge_name())
+        .map(|i| i.name.clone())
+        .unwrap_or_else(|| ctx.host_veth());
     let hv = link::get(&h, &host)
         .await?
         .ok_or_else(|| mismatch(format!("host interface {host} does not exist")))?;

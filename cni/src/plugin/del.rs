@@ -12,7 +12,20 @@ pub(super) async fn del(ctx: &Ctx) -> Result<(), CniError> {
     let (conn, h, _) = rtnetlink::new_connection()
         .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;
     tokio::spawn(conn);
-    link::del_by_name(&h, &ctx.host_veth()).await?;
+    if !link::del_by_name(&h, &ctx.host_veth()).await? {
+        // Not ours by name: an attachment made by another plugin (the reference bridge names
+        // its veths at random). Remove the pod end, which takes the pair with it.
+        if let Ok(netns) = crate::ns::open(&ctx.env.netns) {
+            let (pconn, ph) = crate::ns::connect_in(&netns, &tokio::runtime::Handle::current())
+                .map_err(|e| CniError::internal(format!("netlink socket in netns: {e}")))?;
+            tokio::spawn(pconn);
+            if let Some(l) = link::get(&ph, &ctx.env.ifname).await? {
+                if link::is_veth(&l) {
+                    link::del_by_name(&ph, &ctx.env.ifname).await?;
+                }
+            }
+        }
+    }
     release(ctx)
 }
 
