@@ -49,8 +49,9 @@ fn sh(cmd: &str) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return; // `cargo test --benches` / `--list`: nothing to list or test here.
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --benches` and `--list`: the benchmark runs under `cargo bench` only.
+        return;
     }
     let n: usize = std::env::var("OXLET_CNI_BENCH_N")
         .ok()

@@ -2,7 +2,7 @@
 
 use crate::ipam::IpNet;
 use futures_util::TryStreamExt;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use netlink_packet_route::link::{
     InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -221,8 +221,14 @@ pub async fn ensure_bridge(
 }
 
 /// Adds an address to a link; an existing identical address is fine.
+/// IPv6 addresses skip duplicate address detection: IPAM made them unique, and a tentative
+/// address would keep the pod offline for seconds.
 pub async fn ensure_addr(h: &Handle, index: u32, net: IpNet) -> Result<()> {
-    match h.address().add(index, net.addr, net.prefix).execute().await {
+    let mut req = h.address().add(index, net.addr, net.prefix);
+    if net.addr.is_ipv6() {
+        req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+    }
+    match req.execute().await {
         Ok(()) => Ok(()),
         Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
         Err(e) => Err(nl(format!("add address {net}"))(e)),

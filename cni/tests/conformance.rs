@@ -230,3 +230,38 @@ fn switching_between_the_plugins_keeps_allocations() {
     assert!(f.ip_files().is_empty(), "{:?}", f.ip_files());
     f.eventually("ports gone", || f.ports().is_empty());
 }
+
+#[test]
+fn dual_stack_pods_talk_over_ipv6() {
+    for imp in BOTH {
+        let f = Fixture::new();
+        let v6 = format!("fd00:243:{}::/64", f.x);
+        let ranges = json!({"ipam": {"ranges": [[{"subnet": f.subnet()}], [{"subnet": v6}]]}});
+        let net = f.list(imp, vec![f.bridge_conf(imp, ranges)]);
+        let c = f.client(imp);
+        let (a, b) = (f.netns(), f.netns());
+        c.add(&net, &rt("v6-a", &a)).unwrap();
+        let rb = c.add(&net, &rt("v6-b", &b)).unwrap();
+        assert_eq!(rb.ips.len(), 2, "{imp:?}");
+        let ip6 = rb.ips[1].address.split('/').next().unwrap().to_string();
+        assert!(ip6.starts_with("fd00:243:"), "{imp:?}: {ip6}");
+        let srv = serve_once(Some(&b), "[::]:7005");
+        // The reference leaves duplicate address detection on: wait for it.
+        let t = std::time::Instant::now();
+        let reply = loop {
+            match talk(Some(&a), &format!("[{ip6}]:7005"), "v6") {
+                Ok(r) => break r,
+                Err(e) if t.elapsed() < std::time::Duration::from_secs(5) => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => panic!("{imp:?}: {e}"),
+            }
+        };
+        assert_eq!(reply, "pong:v6", "{imp:?}");
+        srv.join().unwrap();
+        c.del(&net, &rt("v6-a", &a)).unwrap();
+        c.del(&net, &rt("v6-b", &b)).unwrap();
+        assert!(f.ip_files().is_empty(), "{imp:?}");
+    }
+}
