@@ -265,3 +265,27 @@ fn dual_stack_pods_talk_over_ipv6() {
         assert!(f.ip_files().is_empty(), "{imp:?}");
     }
 }
+
+#[test]
+fn other_ipam_types_are_delegated_through_cni_path() {
+    let f = Fixture::new();
+    let ipam = json!({"ipam": {
+        "type": "static",
+        "addresses": [{"address": format!("10.243.{}.77/24", f.x), "gateway": f.gateway()}],
+        "routes": [{"dst": "0.0.0.0/0"}]
+    }});
+    let mut conf = f.bridge_conf(Impl::Oxlet, ipam);
+    conf["ipam"].as_object_mut().unwrap().remove("ranges");
+    conf["ipam"].as_object_mut().unwrap().remove("dataDir");
+    let net = f.list_v("1.0.0", vec![conf]);
+    let c = f.client(Impl::Oxlet);
+    let a = f.netns();
+    let r = c.add(&net, &rt("static-a", &a)).unwrap();
+    assert_eq!(pod_ip(&r), format!("10.243.{}.77", f.x));
+    let ns = a.trim_start_matches("/run/netns/");
+    assert!(sh_ok(&format!("ip -n {ns} addr show eth0")).contains(&format!("10.243.{}.77/24", f.x)));
+    assert!(sh_ok(&format!("ip -n {ns} route")).contains(&format!("default via {}", f.gateway())));
+    c.check(&net, &rt("static-a", &a)).unwrap();
+    c.del(&net, &rt("static-a", &a)).unwrap();
+    f.eventually("port gone", || f.ports().is_empty());
+}

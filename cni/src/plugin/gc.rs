@@ -42,10 +42,16 @@ pub(super) async fn gc(ctx: &Ctx) -> Result<(), CniError> {
                 masq::apply(masq::render_drop(&ctx.conf.name))?;
             }
         }
-        Ipam::Delegate { .. } => {
-            ctx.delegate("GC")?;
+        Ipam::Delegate { .. } | Ipam::None => {
+            if matches!(ctx.ipam, Ipam::Delegate { .. }) {
+                ctx.delegate("GC")?;
+            }
+            // Without host-local there is no count of the network's IPs: its masquerade table
+            // goes when GC says no attachment is valid.
+            if ctx.conf.ip_masq && valid.is_empty() {
+                masq::apply(masq::render_drop(&ctx.conf.name))?;
+            }
         }
-        Ipam::None => {}
     }
 
     let keep: HashSet<String> = valid
