@@ -119,6 +119,13 @@ impl Pki {
         if !self.path("admin.crt").exists() {
             self.issue_client("admin", "kubernetes-admin", &["system:masters"])?;
         }
+        if !self.path("kubelet-client.crt").exists() {
+            self.issue_client(
+                "kubelet-client",
+                "kube-apiserver-kubelet-client",
+                &["system:masters"],
+            )?;
+        }
         Ok(())
     }
 
@@ -213,6 +220,76 @@ current-context: {user}@oxlet
             .with_single_cert(certs, key)?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
+    }
+}
+
+/// TLS settings for the API server's connections to kubelets: it presents the
+/// `kubelet-client` certificate. Like kube-apiserver without `--kubelet-certificate-authority`
+/// (its default), it does not verify the kubelet's serving certificate, which kubelets
+/// usually sign themselves.
+pub fn kubelet_client_config(pki: &Pki) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = pem_certs(&pki.path("kubelet-client.crt"))?;
+    let key_path = pki.path("kubelet-client.key");
+    let key = rustls_pemfile::private_key(&mut read(&key_path)?.as_bytes())
+        .map_err(|source| CertError::Io {
+            path: key_path.clone(),
+            source,
+        })?
+        .ok_or(CertError::Pem(key_path))?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+        .with_client_auth_cert(certs, key)?;
+    Ok(Arc::new(cfg))
+}
+
+#[derive(Debug)]
+struct AnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -10,6 +10,7 @@ fn sub_verbs(sub: &str) -> &'static [&'static str] {
     match sub {
         "status" | "scale" => &["get", "patch", "update"],
         "binding" | "eviction" | "token" => &["create"],
+        "exec" | "attach" | "portforward" => &["create", "get"],
         "finalize" => &["update"],
         _ => &["get"],
     }
@@ -21,7 +22,10 @@ fn sub_kind(rt: &ResourceType, sub: &str) -> (&'static str, &'static str, &'stat
         "binding" => ("", "v1", "Binding"),
         "eviction" => ("policy", "v1", "Eviction"),
         "token" => ("authentication.k8s.io", "v1", "TokenRequest"),
-        "log" | "exec" => ("", "v1", "Pod"),
+        "log" => ("", "v1", "Pod"),
+        "exec" => ("", "v1", "PodExecOptions"),
+        "attach" => ("", "v1", "PodAttachOptions"),
+        "portforward" => ("", "v1", "PodPortForwardOptions"),
         _ => (rt.group, rt.version, rt.kind),
     }
 }

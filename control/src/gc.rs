@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::registry::{decode, meta_str, DeleteOptions, ListOptions, Registry};
+use crate::registry::{decode, meta_str, DeleteOptions, ListOptions, Listed, Registry};
 use crate::resources::{self, TYPES};
 use crate::store::EventKind;
 
@@ -31,7 +31,7 @@ fn owner_alive(reg: &Registry, ns: Option<&str>, r: &Value) -> bool {
 pub fn collect(reg: &Registry, ns: Option<&str>, gone_uid: &str) {
     for rt in TYPES.iter().filter(|t| t.namespaced || ns.is_none()) {
         let scope = if rt.namespaced { ns } else { None };
-        let Ok((items, ..)) = reg.list(rt, scope, &ListOptions::default()) else {
+        let Ok(Listed { items, .. }) = reg.list(rt, scope, &ListOptions::default()) else {
             continue;
         };
         for obj in items {

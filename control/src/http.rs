@@ -1,22 +1,22 @@
 //! HTTP plumbing shared by the handlers: bodies, query strings, media types, JSON answers.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{header, Response, StatusCode};
 use serde_json::Value;
+use std::collections::HashMap;
 
 use crate::status::{ApiError, ApiResult};
 
-pub type Body = BoxBody<Bytes, Infallible>;
+/// Response bodies; proxied bodies (from the kubelet) can fail mid-stream, hence the error.
+pub type Body = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The largest request body accepted (the real server's limit is about 3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
 
 pub fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).boxed()
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
 }
 
 pub fn json_response(code: u16, v: &Value) -> Response<Body> {

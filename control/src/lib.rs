@@ -8,6 +8,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod gc;
 pub mod http;
+pub mod kubelet;
 pub mod namespaces;
 pub mod openapi;
 pub mod patch;

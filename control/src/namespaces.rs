@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::registry::{self, DeleteOptions, ListOptions, Registry};
+use crate::registry::{self, DeleteOptions, ListOptions, Listed, Registry};
 use crate::resources::{self, TYPES};
 use crate::store::EventKind;
 
@@ -51,7 +51,7 @@ pub fn finish(reg: &Registry, ns: &str) {
         ..Default::default()
     };
     for rt in TYPES.iter().filter(|t| t.namespaced) {
-        let Ok((items, ..)) = reg.list(rt, Some(ns), &ListOptions::default()) else {
+        let Ok(Listed { items, .. }) = reg.list(rt, Some(ns), &ListOptions::default()) else {
             continue;
         };
         for obj in items {
@@ -80,7 +80,7 @@ pub async fn run(reg: Registry) {
     let nst = resources::namespaces();
     loop {
         let rev = reg.store.current_rev().unwrap_or(0);
-        if let Ok((items, ..)) = reg.list(nst, None, &ListOptions::default()) {
+        if let Ok(Listed { items, .. }) = reg.list(nst, None, &ListOptions::default()) {
             for ns in items {
                 if ns.pointer("/metadata/deletionTimestamp").is_some() {
                     let r = reg.clone();

@@ -35,6 +35,15 @@ pub struct ListOptions {
     pub resource_version: Option<String>,
 }
 
+/// A list answer: the items, the revision read at, and paging.
+#[derive(Debug)]
+pub struct Listed {
+    pub items: Vec<Value>,
+    pub rev: i64,
+    pub continue_token: Option<String>,
+    pub remaining: Option<i64>,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct DeleteOptions {
     pub grace_seconds: Option<i64>,
@@ -109,13 +118,13 @@ impl Registry {
         Ok(decode(&e))
     }
 
-    /// Lists objects; returns (items, list resourceVersion, continue token, remaining count).
+    /// Lists objects at one revision, filtered and paged.
     pub fn list(
         &self,
         rt: &ResourceType,
         ns: Option<&str>,
         opts: &ListOptions,
-    ) -> ApiResult<(Vec<Value>, i64, Option<String>, Option<i64>)> {
+    ) -> ApiResult<Listed> {
         let prefix = rt.ns_prefix(ns);
         let (at, after) = match &opts.continue_token {
             Some(t) => {
@@ -166,7 +175,12 @@ impl Registry {
             base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&t).unwrap())
         });
         let remaining = token.as_ref().map(|_| remaining);
-        Ok((items, page.rev, token, remaining))
+        Ok(Listed {
+            items,
+            rev: page.rev,
+            continue_token: token,
+            remaining,
+        })
     }
 
     fn check_namespace(&self, rt: &ResourceType, ns: Option<&str>) -> ApiResult<()> {

@@ -120,7 +120,15 @@ pub static TYPES: &[ResourceType] = &[
         true,
         &["po"],
         ALL,
-        &["status", "log", "exec", "binding", "eviction"],
+        &[
+            "status",
+            "log",
+            "exec",
+            "attach",
+            "portforward",
+            "binding",
+            "eviction"
+        ],
         true,
         true
     ),

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::http::{self, Body, MediaType};
 use crate::patch::{self, PatchType};
-use crate::registry::{meta_str, parse_rv, DeleteOptions, ListOptions, Registry};
+use crate::registry::{meta_str, parse_rv, DeleteOptions, ListOptions, Listed, Registry};
 use crate::resources::ResourceType;
 use crate::select::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, ApiResult};
@@ -105,7 +105,7 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         }
         (&Method::DELETE, None, None) => {
             let opts = delete_options(&c.query, body)?;
-            let (items, rev, ..) = reg.list(rt, c.ns(), &list_options(&c.query)?)?;
+            let Listed { items, rev, .. } = reg.list(rt, c.ns(), &list_options(&c.query)?)?;
             let mut deleted = Vec::new();
             for item in items {
                 let ns = meta_str(&item, "namespace").to_string();
@@ -148,7 +148,12 @@ fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
 
 fn list(reg: &Registry, c: &Call) -> ApiResult<Response<Body>> {
     let opts = list_options(&c.query)?;
-    let (items, rev, token, remaining) = reg.list(c.rt, c.ns(), &opts)?;
+    let Listed {
+        items,
+        rev,
+        continue_token: token,
+        remaining,
+    } = reg.list(c.rt, c.ns(), &opts)?;
     let mut meta = json!({"resourceVersion": rev.to_string()});
     if let Some(t) = token {
         meta["continue"] = json!(t);

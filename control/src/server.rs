@@ -45,6 +45,7 @@ impl Config {
 struct State {
     reg: Registry,
     server_url: String,
+    kubelet_tls: Arc<tokio_rustls::rustls::ClientConfig>,
 }
 
 /// A running server; dropping it does not stop it, `stop` does.
@@ -127,6 +128,7 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
     let state = Arc::new(State {
         reg: reg.clone(),
         server_url,
+        kubelet_tls: certs::kubelet_client_config(&pki)?,
     });
     info!(%addr, kubeconfig = %cfg.kubeconfig.display(), "API server listening");
     let serve = tokio::spawn(accept_loop(listener, acceptor, state));
@@ -334,6 +336,9 @@ async fn dispatch(
         accept,
         content_type,
     };
+    if rt.kind == "Pod" && matches!(sub, Some("log" | "exec" | "attach" | "portforward")) {
+        return crate::kubelet::proxy(&state.reg, state.kubelet_tls.clone(), call, req).await;
+    }
     if call.method == Method::GET && call.name.is_none() && http::flag(&call.query, "watch") {
         return watch::watch(&state.reg, call);
     }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::registry::{ListOptions, Registry};
+use crate::registry::{ListOptions, Listed, Registry};
 use crate::resources;
 use crate::status::{ApiError, ApiResult, Cause};
 
@@ -22,7 +22,7 @@ fn in_net(ip: Ipv4Addr) -> bool {
 
 fn used(reg: &Registry) -> ApiResult<(HashSet<String>, HashSet<i64>)> {
     let rt = resources::get("", "services");
-    let (items, ..) = reg.list(rt, None, &ListOptions::default())?;
+    let Listed { items, .. } = reg.list(rt, None, &ListOptions::default())?;
     let mut ips = HashSet::new();
     let mut ports = HashSet::new();
     for s in items {

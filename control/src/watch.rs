@@ -1,7 +1,6 @@
 //! Watch streams: `{"type","object"}` JSON lines from a resourceVersion, with the current state
 //! first when none is given, bookmarks, timeouts, and an ERROR 410 event when compacted.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -103,7 +102,7 @@ pub fn watch(reg: &Registry, c: Call) -> ApiResult<Response<Body>> {
     // The starting state is read now, so that errors in the request still get a plain answer.
     let (initial, from) = if send_initial {
         let all = crate::registry::ListOptions::default();
-        let (items, rev, ..) = reg.list(c.rt, c.ns.as_deref(), &all)?;
+        let crate::registry::Listed { items, rev, .. } = reg.list(c.rt, c.ns.as_deref(), &all)?;
         (items, rev)
     } else {
         let from = crate::registry::parse_rv(&rv)?.unwrap_or(0);
@@ -189,7 +188,7 @@ pub fn watch(reg: &Registry, c: Call) -> ApiResult<Response<Body>> {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+            .map(|b| (Ok::<_, http::BoxError>(Frame::data(b)), rx))
     });
     Ok(Response::builder()
         .status(200)
