@@ -685,3 +685,17 @@ fn repull_of_a_moved_tag_collects_the_old_content() {
     assert_eq!(env.count("snapshots"), 1);
     assert_eq!(env.count("blobs/sha256"), 3);
 }
+
+#[test]
+fn too_many_layers_for_one_overlay_mount_is_a_clear_error() {
+    let mut env = Env::new();
+    let mut img = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
+    let one = img.layers[0].clone();
+    img.layers = vec![one; 200];
+    let dir = env.tmp.path().join("containers/many");
+    env.containers.push(dir.clone());
+    let e = mount_rootfs(&img, &dir).unwrap_err();
+    assert_eq!(e.reason(), "CreateContainerError");
+    assert!(e.to_string().contains("200 layers"), "{e}");
+    assert!(!dir.join(".oxlet-image.json").exists());
+}
