@@ -11,6 +11,37 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use tracing::{debug, warn};
 
+/// The kernel calls rootfs handling needs, behind a trait so the unmount logic (busy mounts,
+/// stacked mounts, nothing mounted) is unit-tested with a fake.
+pub(crate) trait MountOps {
+    fn mount_overlay(&self, target: &Path, options: &str) -> nix::Result<()>;
+    fn unmount(&self, target: &Path, detach: bool) -> nix::Result<()>;
+}
+
+/// The real kernel.
+pub(crate) struct Kernel;
+
+impl MountOps for Kernel {
+    fn mount_overlay(&self, target: &Path, options: &str) -> nix::Result<()> {
+        mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options),
+        )
+    }
+
+    fn unmount(&self, target: &Path, detach: bool) -> nix::Result<()> {
+        let flags = if detach {
+            MntFlags::MNT_DETACH
+        } else {
+            MntFlags::empty()
+        };
+        umount2(target, flags)
+    }
+}
+
 /// Kept in `container_dir/.oxlet-image.json` so unmount (which only gets the dir) finds the
 /// in-use marker it must remove from the store.
 #[derive(Serialize, Deserialize)]
@@ -31,6 +62,14 @@ fn merr(path: &Path, detail: impl Into<String>) -> Error {
 /// collection keeps it until `unmount_rootfs`. Returns the rootfs path. Mounting an already
 /// mounted container dir returns the existing rootfs.
 pub fn mount_rootfs(image: &Image, container_dir: &Path) -> Result<PathBuf> {
+    mount_rootfs_with(&Kernel, image, container_dir)
+}
+
+pub(crate) fn mount_rootfs_with(
+    ops: &dyn MountOps,
+    image: &Image,
+    container_dir: &Path,
+) -> Result<PathBuf> {
     fs::create_dir_all(container_dir).map_err(Error::io(container_dir))?;
     let dir = container_dir
         .canonicalize()
@@ -102,13 +141,7 @@ pub fn mount_rootfs(image: &Image, container_dir: &Path) -> Result<PathBuf> {
         ));
     }
 
-    if let Err(e) = mount(
-        Some("overlay"),
-        &rootfs,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(data.as_str()),
-    ) {
+    if let Err(e) = ops.mount_overlay(&rootfs, &data) {
         let _ = fs::remove_file(&marker_path);
         let _ = fs::remove_file(dir.join(CONTAINER_LINK));
         return Err(merr(&rootfs, format!("overlay mount: {e}")));
@@ -153,17 +186,21 @@ fn overlay_options(lowers: &[PathBuf], upper: &Path, work: &Path) -> Result<Stri
 /// Unmounts `container_dir/rootfs`, drops the in-use marker and removes rootfs, upper and work.
 /// Succeeds when nothing is mounted or the dir is gone, so callers can always call it.
 pub fn unmount_rootfs(container_dir: &Path) -> Result<()> {
+    unmount_rootfs_with(&Kernel, container_dir)
+}
+
+pub(crate) fn unmount_rootfs_with(ops: &dyn MountOps, container_dir: &Path) -> Result<()> {
     let rootfs = container_dir.join("rootfs");
     // Loop: a rootfs mounted twice (a crashed earlier attempt) has stacked mounts.
     for _ in 0..8 {
-        match umount2(&rootfs, MntFlags::empty()) {
+        match ops.unmount(&rootfs, false) {
             Ok(()) => continue,
             Err(Errno::EINVAL) | Err(Errno::ENOENT) => break,
             Err(Errno::EBUSY) => {
                 // A process still holds files in it; detach so the path is free now and the
                 // kernel finishes when the last user goes.
                 warn!(rootfs = %rootfs.display(), "rootfs busy; detaching lazily");
-                umount2(&rootfs, MntFlags::MNT_DETACH)
+                ops.unmount(&rootfs, true)
                     .map_err(|e| merr(&rootfs, format!("unmount: {e}")))?;
             }
             Err(e) => return Err(merr(&rootfs, format!("unmount: {e}"))),
@@ -210,6 +247,121 @@ fn is_mountpoint(p: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// Records calls; `unmount` answers from a script of results, then EINVAL (not mounted).
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+        unmount_results: Mutex<Vec<nix::Result<()>>>,
+    }
+
+    impl Fake {
+        fn new(results: Vec<nix::Result<()>>) -> Fake {
+            Fake {
+                calls: Mutex::default(),
+                unmount_results: Mutex::new(results),
+            }
+        }
+    }
+
+    impl MountOps for Fake {
+        fn mount_overlay(&self, target: &Path, options: &str) -> nix::Result<()> {
+            let call = format!("mount {} {options}", target.display());
+            self.calls.lock().unwrap().push(call);
+            Ok(())
+        }
+        fn unmount(&self, target: &Path, detach: bool) -> nix::Result<()> {
+            let call = format!("umount {} detach={detach}", target.display());
+            self.calls.lock().unwrap().push(call);
+            let mut r = self.unmount_results.lock().unwrap();
+            if r.is_empty() {
+                Err(Errno::EINVAL)
+            } else {
+                r.remove(0)
+            }
+        }
+    }
+
+    #[test]
+    fn busy_rootfs_is_detached_and_stacked_mounts_all_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fs::create_dir_all(dir.join("rootfs")).unwrap();
+        fs::create_dir_all(dir.join("upper/x")).unwrap();
+        let fake = Fake::new(vec![Ok(()), Err(Errno::EBUSY), Ok(())]);
+        unmount_rootfs_with(&fake, dir).unwrap();
+        let r = dir.join("rootfs").display().to_string();
+        assert_eq!(
+            *fake.calls.lock().unwrap(),
+            vec![
+                format!("umount {r} detach=false"),
+                format!("umount {r} detach=false"),
+                format!("umount {r} detach=true"),
+                format!("umount {r} detach=false"),
+            ]
+        );
+        assert!(!dir.join("rootfs").exists() && !dir.join("upper").exists());
+    }
+
+    #[test]
+    fn unmount_errors_other_than_not_mounted_are_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = Fake::new(vec![Err(Errno::EPERM)]);
+        let e = unmount_rootfs_with(&fake, tmp.path()).unwrap_err();
+        assert_eq!(e.reason(), "CreateContainerError");
+        // Nothing mounted at all (a dir that never existed) is fine.
+        let fake = Fake::new(vec![Err(Errno::ENOENT)]);
+        unmount_rootfs_with(&fake, &tmp.path().join("gone")).unwrap();
+    }
+
+    #[test]
+    fn mount_passes_layers_top_first_and_marks_use() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(tmp.path().join("store")).unwrap();
+        let snap = |n: &str| {
+            let p = store.root().join("snapshots").join(n);
+            fs::create_dir_all(&p).unwrap();
+            p
+        };
+        let layer = |n: &str| super::super::Layer {
+            digest: format!("sha256:{}", n.repeat(64)),
+            diff_id: format!("sha256:{}", n.repeat(64)),
+            media_type: String::new(),
+            size: 1,
+            snapshot: snap(n),
+        };
+        let image = Image {
+            reference: "x".into(),
+            digest: format!("sha256:{}", "c".repeat(64)),
+            manifest_digest: format!("sha256:{}", "c".repeat(64)),
+            config_digest: format!("sha256:{}", "d".repeat(64)),
+            config: Default::default(),
+            layers: vec![layer("a"), layer("b")],
+            size: 2,
+            store_root: store.root().to_path_buf(),
+        };
+        let fake = Fake::new(vec![]);
+        let cdir = tmp.path().join("c");
+        let rootfs = mount_rootfs_with(&fake, &image, &cdir).unwrap();
+        let cdir = cdir.canonicalize().unwrap();
+        assert_eq!(rootfs, cdir.join("rootfs"));
+        let calls = fake.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            vec![format!(
+                "mount {} lowerdir={}:{},upperdir={},workdir={}",
+                rootfs.display(),
+                image.layers[1].snapshot.display(),
+                image.layers[0].snapshot.display(),
+                cdir.join("upper").display(),
+                cdir.join("work").display()
+            )]
+        );
+        let marker = store.marker_path(&cdir);
+        assert!(marker.is_file());
+        unmount_rootfs_with(&fake, &cdir).unwrap();
+        assert!(!marker.exists());
+    }
 
     #[test]
     fn overlay_options_top_layer_first_and_page_limit() {
