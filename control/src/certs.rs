@@ -66,6 +66,11 @@ fn write(path: &Path, data: &str, mode: u32) -> Result<()> {
     fs::rename(&tmp, path).map_err(io)
 }
 
+/// Writes a private key file (mode 0600), atomically.
+pub fn write_private(path: &Path, pem: &str) -> Result<()> {
+    write(path, pem, 0o600)
+}
+
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = dn("oxlet-ca", None);

@@ -22,6 +22,7 @@ pub mod services;
 pub mod status;
 pub mod store;
 pub mod table;
+pub mod tokens;
 pub mod validate;
 pub mod watch;
 

@@ -75,18 +75,53 @@ pub fn finish(reg: &Registry, ns: &str) {
     }
 }
 
-/// Runs forever: finishes namespaces that are (or become) Terminating.
-pub async fn run(reg: Registry) {
+/// What the service account and root-CA publisher controllers keep in every namespace: the
+/// `default` service account and the `kube-root-ca.crt` config map.
+pub async fn populate(reg: &Registry, ns: &str, ca_pem: &str) {
+    let sa = resources::get("", "serviceaccounts");
+    let cm = resources::get("", "configmaps");
+    let wanted = [
+        (sa, "default", json!({"metadata": {"name": "default"}})),
+        (
+            cm,
+            "kube-root-ca.crt",
+            json!({"metadata": {"name": "kube-root-ca.crt",
+            "annotations": {"kubernetes.io/description": "Contains a CA bundle that can be used to verify the kube-apiserver when using internal endpoints such as the internal service IP or kubernetes.default.svc. No other usage is guaranteed across distributions of Kubernetes clusters."}},
+            "data": {"ca.crt": ca_pem}}),
+        ),
+    ];
+    for (rt, name, obj) in wanted {
+        if reg.get(rt, Some(ns), name).is_ok() {
+            continue;
+        }
+        match reg.create(rt, Some(ns), obj, false).await {
+            Ok(_) => {}
+            // Exists already, or the namespace is going away.
+            Err(e) if matches!(e.code, 409 | 403 | 404) => {}
+            Err(e) => warn!(ns, name, "populate namespace: {e}"),
+        }
+    }
+}
+
+/// Handles one namespace as it is now: finish it when deleting, else populate it.
+async fn reconcile(reg: &Registry, ns: &Value, ca_pem: &str) {
+    let name = registry::meta_str(ns, "name").to_string();
+    if ns.pointer("/metadata/deletionTimestamp").is_some() {
+        let r = reg.clone();
+        let _ = tokio::task::spawn_blocking(move || finish(&r, &name)).await;
+    } else {
+        populate(reg, &name, ca_pem).await;
+    }
+}
+
+/// Runs forever: populates new namespaces, finishes those that are (or become) Terminating.
+pub async fn run(reg: Registry, ca_pem: String) {
     let nst = resources::namespaces();
     loop {
         let rev = reg.store.current_rev().unwrap_or(0);
         if let Ok(Listed { items, .. }) = reg.list(nst, None, &ListOptions::default()) {
             for ns in items {
-                if ns.pointer("/metadata/deletionTimestamp").is_some() {
-                    let r = reg.clone();
-                    let name = registry::meta_str(&ns, "name").to_string();
-                    let _ = tokio::task::spawn_blocking(move || finish(&r, &name)).await;
-                }
+                reconcile(&reg, &ns, &ca_pem).await;
             }
         }
         let Ok(mut w) = reg.store.watch(&nst.prefix(), rev) else {
@@ -96,21 +131,16 @@ pub async fn run(reg: Registry) {
         let mut pending: Vec<Value> = w
             .backlog
             .drain(..)
-            .filter(|e| e.kind == EventKind::Modified)
+            .filter(|e| e.kind != EventKind::Deleted)
             .map(|e| registry::decode(&e.entry))
             .collect();
         loop {
             for ns in pending.drain(..) {
-                if ns.pointer("/metadata/deletionTimestamp").is_some() {
-                    let r = reg.clone();
-                    let name = registry::meta_str(&ns, "name").to_string();
-                    let _ = tokio::task::spawn_blocking(move || finish(&r, &name)).await;
-                }
+                reconcile(&reg, &ns, &ca_pem).await;
             }
             match w.live.recv().await {
                 Ok(ev)
-                    if ev.kind == EventKind::Modified
-                        && ev.entry.key.starts_with(&nst.prefix()) =>
+                    if ev.kind != EventKind::Deleted && ev.entry.key.starts_with(&nst.prefix()) =>
                 {
                     pending.push(registry::decode(&ev.entry));
                 }

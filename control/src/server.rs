@@ -46,6 +46,7 @@ struct State {
     reg: Registry,
     server_url: String,
     kubelet_tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    signer: Arc<crate::tokens::Signer>,
 }
 
 /// A running server; dropping it does not stop it, `stop` does.
@@ -78,7 +79,6 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
     })?;
     let store = Store::open(&cfg.data_dir.join("state.db"))?;
     let reg = Registry::new(store);
-    crate::namespaces::bootstrap(&reg).await?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| Error::Io {
@@ -111,6 +111,11 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
     if !pki.dir.join("node.crt").exists() {
         pki.issue_client("node", &format!("system:node:{host}"), &["system:nodes"])?;
     }
+    crate::namespaces::bootstrap(&reg).await?;
+    let ca_pem = pki.ca_pem()?;
+    for ns in crate::namespaces::BUILTIN {
+        crate::namespaces::populate(&reg, ns, &ca_pem).await;
+    }
     let url_ip = if addr.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else {
@@ -129,10 +134,11 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
         reg: reg.clone(),
         server_url,
         kubelet_tls: certs::kubelet_client_config(&pki)?,
+        signer: Arc::new(crate::tokens::Signer::load_or_create(&pki.dir)?),
     });
     info!(%addr, kubeconfig = %cfg.kubeconfig.display(), "API server listening");
     let serve = tokio::spawn(accept_loop(listener, acceptor, state));
-    let ns = tokio::spawn(crate::namespaces::run(reg.clone()));
+    let ns = tokio::spawn(crate::namespaces::run(reg.clone(), ca_pem));
     let gc = tokio::spawn(crate::gc::run(reg.clone()));
     let compact = tokio::spawn(compactor(reg.store.clone()));
     Ok(Server {
@@ -231,6 +237,25 @@ async fn dispatch(
         segs.as_slice(),
         ["healthz" | "livez" | "readyz" | "version", ..]
     );
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let token_id;
+    let id = match (id, bearer) {
+        (Some(id), _) => Some(id),
+        (None, Some(t)) => {
+            token_id = crate::tokens::authenticate(&state.reg, &state.signer, t);
+            if token_id.is_none() {
+                // A bad credential is refused even where anonymous access is allowed.
+                return Err(ApiError::unauthorized());
+            }
+            token_id.as_ref()
+        }
+        (None, None) => None,
+    };
     if id.is_none() && !public {
         return Err(ApiError::unauthorized());
     }
@@ -338,6 +363,16 @@ async fn dispatch(
     };
     if rt.kind == "Pod" && matches!(sub, Some("log" | "exec" | "attach" | "portforward")) {
         return crate::kubelet::proxy(&state.reg, state.kubelet_tls.clone(), call, req).await;
+    }
+    if rt.kind == "ServiceAccount" && sub == Some("token") && call.method == Method::POST {
+        let body = http::read_body(req.into_body()).await?;
+        let tr = http::parse_object(&call.content_type, &body)?;
+        let (ns, name) = (
+            call.ns.as_deref().unwrap_or(""),
+            call.name.as_deref().unwrap_or(""),
+        );
+        let out = crate::tokens::request(&state.reg, &state.signer, ns, name, &tr)?;
+        return Ok(http::json_response(201, &out));
     }
     if call.method == Method::GET && call.name.is_none() && http::flag(&call.query, "watch") {
         return watch::watch(&state.reg, call);

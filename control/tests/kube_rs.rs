@@ -524,3 +524,70 @@ async fn anonymous_is_unauthorized_but_health_is_open() -> Result<()> {
     assert_eq!(anon.request_text(req).await?, "ok");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_authenticate() -> Result<()> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let ts = TestServer::start().await?;
+    let client = ts.client().await?;
+    // Every namespace has its default service account and the root CA config map.
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+    sas.get("default").await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kube-system");
+    let ca = cms.get("kube-root-ca.crt").await?;
+    assert!(ca.data.unwrap()["ca.crt"].starts_with("-----BEGIN CERTIFICATE-----"));
+
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "bot"}}))?,
+    )
+    .await?;
+    let tr: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))?;
+    let tr = sas
+        .create_token_request("bot", &PostParams::default(), &tr)
+        .await?;
+    let token = tr.status.unwrap().token;
+
+    let with_token = |t: &str| {
+        let kc = ts.kubeconfig.clone();
+        let t = t.to_string();
+        async move {
+            let kc = kube::config::Kubeconfig::read_from(&kc)?;
+            let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+            cfg.auth_info = serde_json::from_value(json!({"token": t}))?;
+            anyhow::Ok(kube::Client::try_from(cfg)?)
+        }
+    };
+    let bot = with_token(&token).await?;
+    let pods: Api<Pod> = Api::namespaced(bot.clone(), "default");
+    pods.list(&ListParams::default()).await?;
+    // A tampered token is refused.
+    // (A character in the middle of the signature: every one of its bits counts.)
+    let sig_at = token.rfind('.').unwrap() + 10;
+    let mut forged = token.clone().into_bytes();
+    forged[sig_at] = if forged[sig_at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged)?;
+    let bad: Api<Pod> = Api::namespaced(with_token(&forged).await?, "default");
+    assert_eq!(
+        api_err(bad.list(&ListParams::default()).await.unwrap_err()).code,
+        401
+    );
+    // So is the token of a deleted service account.
+    sas.delete("bot", &DeleteParams::default()).await?;
+    assert_eq!(
+        api_err(pods.list(&ListParams::default()).await.unwrap_err()).code,
+        401
+    );
+    // Too short a lifetime is invalid.
+    let short: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 60}}))?;
+    let e = api_err(
+        sas.create_token_request("default", &PostParams::default(), &short)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
+    Ok(())
+}
