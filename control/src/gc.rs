@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::registry::{decode, meta_str, DeleteOptions, ListOptions, Listed, Registry};
+use crate::registry::{decode, meta_str, DeleteOptions, ListOptions, Listed, Registry, Write};
 use crate::resources::{self, TYPES};
 use crate::store::EventKind;
 
@@ -57,7 +57,7 @@ pub fn collect(reg: &Registry, ns: Option<&str>, gone_uid: &str) {
             {
                 let mut o = obj.clone();
                 o["metadata"]["ownerReferences"] = json!(others);
-                if let Err(e) = reg.update(rt, obj_ns.as_deref(), &name, o, false, false) {
+                if let Err(e) = reg.update(rt, obj_ns.as_deref(), &name, o, false, Write::NONE) {
                     debug!(name, "gc trim: {e}");
                 }
             } else {

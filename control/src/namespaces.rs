@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::registry::{self, DeleteOptions, ListOptions, Listed, Registry};
+use crate::registry::{self, DeleteOptions, ListOptions, Listed, Registry, Write};
 use crate::resources::{self, TYPES};
 use crate::store::EventKind;
 
@@ -23,7 +23,7 @@ pub async fn bootstrap(reg: &Registry) -> Result<(), crate::status::ApiError> {
     for name in BUILTIN {
         if reg.get(nst, None, name).is_err() {
             let obj = json!({"metadata": {"name": name}});
-            match reg.create(nst, None, obj, false).await {
+            match reg.create(nst, None, obj, Write::NONE).await {
                 Ok(_) => {}
                 Err(e) if e.code == 409 => {}
                 Err(e) => return Err(e),
@@ -34,7 +34,7 @@ pub async fn bootstrap(reg: &Registry) -> Result<(), crate::status::ApiError> {
     if reg.get(svc, Some("default"), "kubernetes").is_err() {
         let obj = json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}});
-        match reg.create(svc, Some("default"), obj, false).await {
+        match reg.create(svc, Some("default"), obj, Write::NONE).await {
             Ok(_) => {}
             Err(e) if e.code == 409 => {}
             Err(e) => return Err(e),
@@ -60,7 +60,7 @@ pub fn finish(reg: &Registry, ns: &str) {
             if obj.pointer("/metadata/finalizers").is_some() {
                 let mut o = obj.clone();
                 o["metadata"]["finalizers"] = json!(null);
-                let _ = reg.update(rt, Some(ns), &name, o, false, false);
+                let _ = reg.update(rt, Some(ns), &name, o, false, Write::NONE);
             }
             if let Err(e) = reg.delete(rt, Some(ns), &name, &force) {
                 if e.code != 404 {
@@ -94,7 +94,7 @@ pub async fn populate(reg: &Registry, ns: &str, ca_pem: &str) {
         if reg.get(rt, Some(ns), name).is_ok() {
             continue;
         }
-        match reg.create(rt, Some(ns), obj, false).await {
+        match reg.create(rt, Some(ns), obj, Write::NONE).await {
             Ok(_) => {}
             // Exists already, or the namespace is going away.
             Err(e) if matches!(e.code, 409 | 403 | 404) => {}

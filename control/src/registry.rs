@@ -35,6 +35,22 @@ pub struct ListOptions {
     pub resource_version: Option<String>,
 }
 
+/// How a create or update writes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Write {
+    /// `dryRun=All`: everything but the write.
+    pub dry_run: bool,
+    /// `fieldValidation=Strict`: unknown fields are an error rather than dropped.
+    pub strict: bool,
+}
+
+impl Write {
+    pub const NONE: Write = Write {
+        dry_run: false,
+        strict: false,
+    };
+}
+
 /// A list answer: the items, the revision read at, and paging.
 #[derive(Debug)]
 pub struct Listed {
@@ -203,13 +219,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Create: fills metadata, defaults, validates, stores. `dry_run` skips the write.
+    /// Create: fills metadata, defaults, validates, stores.
     pub async fn create(
         &self,
         rt: &ResourceType,
         ns: Option<&str>,
         mut obj: Value,
-        dry_run: bool,
+        opts: Write,
     ) -> ApiResult<Value> {
         if !obj.is_object() {
             return Err(ApiError::bad_request(
@@ -263,7 +279,7 @@ impl Registry {
         }
         prepare_create(rt, &mut obj);
         defaults::apply(rt.kind, &mut obj);
-        validate::shape(rt, &obj)?;
+        let mut obj = validate::typed(rt, obj, opts.strict)?;
         let name = meta_str(&obj, "name").to_string();
         let causes = validate::fields(rt, &obj);
         if !causes.is_empty() {
@@ -280,7 +296,7 @@ impl Registry {
         if rt.kind == "Secret" {
             fold_string_data(&mut obj);
         }
-        if dry_run {
+        if opts.dry_run {
             return Ok(obj);
         }
         let e = self
@@ -296,9 +312,9 @@ impl Registry {
         rt: &ResourceType,
         ns: Option<&str>,
         name: &str,
-        mut obj: Value,
+        obj: Value,
         status: bool,
-        dry_run: bool,
+        opts: Write,
     ) -> ApiResult<Value> {
         if !obj.is_object() {
             return Err(ApiError::bad_request(
@@ -312,7 +328,7 @@ impl Registry {
             ));
         }
         let expected = parse_rv(meta_str(&obj, "resourceVersion"))?;
-        validate::shape(rt, &obj)?;
+        let mut obj = validate::typed(rt, obj, opts.strict)?;
         let key = rt.key(ns, name);
         let mut result = None;
         let e = self.store.write(&key, |cur| -> ApiResult<Decision> {
@@ -333,7 +349,7 @@ impl Registry {
                     .and_then(Value::as_array)
                     .is_none_or(|f| f.is_empty())
                 && !graceful_pending(rt, &new);
-            let decision = match (dry_run, finished) {
+            let decision = match (opts.dry_run, finished) {
                 (true, _) => Decision::Keep,
                 (false, true) => Decision::Delete,
                 (false, false) => Decision::Put(encode(&new)),

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::http::{self, Body, MediaType};
 use crate::patch::{self, PatchType};
-use crate::registry::{meta_str, parse_rv, DeleteOptions, ListOptions, Listed, Registry};
+use crate::registry::{meta_str, parse_rv, DeleteOptions, ListOptions, Listed, Registry, Write};
 use crate::resources::ResourceType;
 use crate::select::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, ApiResult};
@@ -31,8 +31,14 @@ impl Call {
         self.ns.as_deref()
     }
 
-    fn dry_run(&self) -> bool {
-        self.query.get("dryRun").is_some_and(|v| v == "All")
+    fn write(&self) -> Write {
+        Write {
+            dry_run: self.query.get("dryRun").is_some_and(|v| v == "All"),
+            strict: self
+                .query
+                .get("fieldValidation")
+                .is_some_and(|v| v == "Strict"),
+        }
     }
 
     /// Answers `obj` as JSON, or as a Table when the client asked for one.
@@ -79,7 +85,7 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         (&Method::POST, None, None) => {
             let obj = http::parse_object(&c.content_type, body)?;
             check_kind(rt, &obj)?;
-            let created = reg.create(rt, c.ns(), obj, c.dry_run()).await?;
+            let created = reg.create(rt, c.ns(), obj, c.write()).await?;
             Ok(c.answer(201, created))
         }
         (&Method::POST, Some(name), Some("binding")) if rt.kind == "Pod" => {
@@ -89,7 +95,7 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
             let obj = http::parse_object(&c.content_type, body)?;
             check_kind(rt, &obj)?;
             let status = sub == Some("status");
-            Ok(c.answer(200, reg.update(rt, c.ns(), name, obj, status, c.dry_run())?))
+            Ok(c.answer(200, reg.update(rt, c.ns(), name, obj, status, c.write())?))
         }
         (&Method::PUT, Some(name), Some("scale")) if has_sub(rt, "scale") => {
             let scale = http::parse_object(&c.content_type, body)?;
@@ -227,7 +233,7 @@ async fn patch_object(
                 check_kind(rt, &p)?;
                 let mut obj = p.clone();
                 crate::defaults::metadata(&mut obj).insert("name".into(), json!(name));
-                return Ok(c.answer(201, reg.create(rt, c.ns(), obj, c.dry_run()).await?));
+                return Ok(c.answer(201, reg.create(rt, c.ns(), obj, c.write()).await?));
             }
             Err(e) => return Err(e),
         };
@@ -248,7 +254,7 @@ async fn patch_object(
             // Apply is not a conditional write unless the configuration says so.
             doc["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
         }
-        match reg.update(rt, c.ns(), name, doc, sub == Some("status"), c.dry_run()) {
+        match reg.update(rt, c.ns(), name, doc, sub == Some("status"), c.write()) {
             Err(e) if e.code == 409 && !pinned => continue,
             r => return Ok(c.answer(200, r?)),
         }
@@ -287,7 +293,7 @@ fn set_scale(reg: &Registry, c: &Call, name: &str, scale: &Value) -> ApiResult<V
         cur["metadata"]["resourceVersion"] = json!(rv);
     }
     cur["spec"]["replicas"] = json!(replicas);
-    let updated = reg.update(rt, c.ns(), name, cur, false, c.dry_run())?;
+    let updated = reg.update(rt, c.ns(), name, cur, false, c.write())?;
     Ok(to_scale(&updated))
 }
 
@@ -316,7 +322,7 @@ fn bind(reg: &Registry, c: &Call, name: &str, body: &[u8]) -> ApiResult<Response
             return Err(ApiError::new(409, "Conflict", format!("Operation cannot be fulfilled on pods/binding \"{name}\": pod {name} is already assigned to node \"{cur}\"")));
         }
         pod["spec"]["nodeName"] = json!(node);
-        match reg.update(rt, c.ns(), name, pod, false, c.dry_run()) {
+        match reg.update(rt, c.ns(), name, pod, false, c.write()) {
             Err(e) if e.code == 409 => continue,
             r => {
                 r?;

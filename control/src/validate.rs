@@ -7,41 +7,91 @@ use std::collections::HashSet;
 use k8s_openapi::api::discovery::v1 as disc;
 use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coord, core::v1 as core};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::resources::ResourceType;
 use crate::status::{ApiError, Cause};
 
-fn decode<T: DeserializeOwned>(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
-    serde_json::from_value::<T>(obj.clone())
-        .map(drop)
-        .map_err(|e| {
-            ApiError::bad_request(format!(
-                "{kind} in version \"{v}\" cannot be handled as a {kind}: {e}",
-                kind = rt.kind,
-                v = rt.version
-            ))
-        })
+/// Decodes into the typed struct and encodes back: a wrong type is an error, unknown fields
+/// fall away, and what is stored always decodes for typed clients.
+fn roundtrip<T: DeserializeOwned + Serialize>(
+    rt: &ResourceType,
+    obj: &Value,
+) -> Result<Value, ApiError> {
+    let typed: T =
+        serde_json::from_value(obj.clone()).map_err(|e| cannot_handle(rt, &e.to_string()))?;
+    serde_json::to_value(typed).map_err(|e| ApiError::internal(e.to_string()))
 }
 
-/// Checks that the object decodes as its kind.
-pub fn shape(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
-    match rt.kind {
-        "Namespace" => decode::<core::Namespace>(rt, obj),
-        "Pod" => decode::<core::Pod>(rt, obj),
-        "Service" => decode::<core::Service>(rt, obj),
-        "Endpoints" => decode::<core::Endpoints>(rt, obj),
-        "ConfigMap" => decode::<core::ConfigMap>(rt, obj),
-        "Secret" => decode::<core::Secret>(rt, obj),
-        "ServiceAccount" => decode::<core::ServiceAccount>(rt, obj),
-        "Node" => decode::<core::Node>(rt, obj),
-        "Event" => decode::<core::Event>(rt, obj),
-        "Deployment" => decode::<apps::Deployment>(rt, obj),
-        "ReplicaSet" => decode::<apps::ReplicaSet>(rt, obj),
-        "EndpointSlice" => decode::<disc::EndpointSlice>(rt, obj),
-        "Lease" => decode::<coord::Lease>(rt, obj),
-        _ => Ok(()),
+fn cannot_handle(rt: &ResourceType, why: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "{kind} in version \"{v}\" cannot be handled as a {kind}: {why}",
+        kind = rt.kind,
+        v = rt.version
+    ))
+}
+
+/// Paths of the fields of `orig` that the typed form `typed` lost (null values aside).
+fn unknown_fields(orig: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+    match (orig, typed) {
+        (Value::Object(o), Value::Object(t)) => {
+            for (k, v) in o {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match t.get(k) {
+                    None if !v.is_null() => out.push(p),
+                    Some(tv) => unknown_fields(v, tv, &p, out),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                unknown_fields(x, y, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
     }
+}
+
+/// The object in its typed form. With `strict`, unknown fields are a 400 as with
+/// `fieldValidation=Strict` on the real server; otherwise they are dropped.
+pub fn typed(rt: &ResourceType, obj: Value, strict: bool) -> Result<Value, ApiError> {
+    let out = match rt.kind {
+        "Namespace" => roundtrip::<core::Namespace>(rt, &obj)?,
+        "Pod" => roundtrip::<core::Pod>(rt, &obj)?,
+        "Service" => roundtrip::<core::Service>(rt, &obj)?,
+        "Endpoints" => roundtrip::<core::Endpoints>(rt, &obj)?,
+        "ConfigMap" => roundtrip::<core::ConfigMap>(rt, &obj)?,
+        "Secret" => roundtrip::<core::Secret>(rt, &obj)?,
+        "ServiceAccount" => roundtrip::<core::ServiceAccount>(rt, &obj)?,
+        "Node" => roundtrip::<core::Node>(rt, &obj)?,
+        "Event" => roundtrip::<core::Event>(rt, &obj)?,
+        "Deployment" => roundtrip::<apps::Deployment>(rt, &obj)?,
+        "ReplicaSet" => roundtrip::<apps::ReplicaSet>(rt, &obj)?,
+        "EndpointSlice" => roundtrip::<disc::EndpointSlice>(rt, &obj)?,
+        "Lease" => roundtrip::<coord::Lease>(rt, &obj)?,
+        _ => obj.clone(),
+    };
+    if strict {
+        let mut unknown = Vec::new();
+        unknown_fields(&obj, &out, "", &mut unknown);
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+            return Err(cannot_handle(
+                rt,
+                &format!("strict decoding error: {}", list.join(", ")),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// A DNS-1123 subdomain: lower-case alphanumerics, '-' and '.', at most 253.
@@ -295,7 +345,21 @@ mod tests {
                 "spec.containers[1].ports[0].containerPort"
             ]
         );
-        assert!(shape(rt, &json!({"spec": {"containers": "no"}})).is_err());
+        assert!(typed(rt, json!({"spec": {"containers": "no"}}), false).is_err());
+        let with_typo = json!({"metadata": {"name": "p", "labels": {"any": "x"}}, "spec": {"containers": [{"name": "c", "image": "i", "imagePullPolicyy": "Never"}], "nodeName": null}});
+        let cleaned = typed(rt, with_typo.clone(), false).unwrap();
+        assert!(cleaned
+            .pointer("/spec/containers/0/imagePullPolicyy")
+            .is_none());
+        assert_eq!(cleaned.pointer("/metadata/labels/any").unwrap(), "x");
+        let e = typed(rt, with_typo, true).unwrap_err();
+        assert!(
+            e.message.ends_with(
+                "strict decoding error: unknown field \"spec.containers[0].imagePullPolicyy\""
+            ),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

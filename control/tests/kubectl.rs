@@ -192,6 +192,17 @@ async fn apply_get_delete(v: u32) -> Result<()> {
         "{err}"
     );
 
+    // Unknown fields: refused under kubectl's default strict validation, dropped without it.
+    let typo = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: typo\ndatta:\n  a: b\n";
+    let err = fails(ts.kubectl_stdin(v, &["apply", "-f", "-"], typo));
+    assert!(
+        err.contains(r#"strict decoding error: unknown field "datta""#),
+        "{err}"
+    );
+    ok(ts.kubectl_stdin(v, &["apply", "--validate=false", "-f", "-"], typo));
+    let cm: serde_json::Value = serde_json::from_str(&ok(k(&["get", "cm", "typo", "-o", "json"])))?;
+    assert!(cm.get("datta").is_none(), "{cm}");
+
     // Delete waits for the objects to be gone.
     let out = ok(ts.kubectl_stdin(v, &["delete", "-f", "-"], WEB));
     assert!(out.contains("deployment.apps \"web\" deleted"), "{out}");
