@@ -378,7 +378,15 @@ async fn dispatch(
         return watch::watch(&state.reg, call);
     }
     let body = http::read_body(req.into_body()).await?;
-    rest::handle(&state.reg, call, &body).await
+    let work = rest::handle(&state.reg, call, &body);
+    // Writes wait for SQLite's fsync; on a multi-threaded runtime, let the other workers carry
+    // on with watches and reads meanwhile.
+    let rt = tokio::runtime::Handle::current();
+    if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| rt.block_on(work))
+    } else {
+        work.await
+    }
 }
 
 /// Runs the control plane until SIGINT or SIGTERM (the `oxlet up` command).

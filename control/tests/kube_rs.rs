@@ -591,3 +591,91 @@ async fn service_account_tokens_authenticate() -> Result<()> {
     assert_eq!(e.code, 422);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_generate_name_collections_and_bad_requests() -> Result<()> {
+    let ts = TestServer::start().await?;
+    let client = ts.client().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let d = cms.create(&dry, &cm("dry", json!({}))).await?;
+    assert!(d.metadata.uid.is_some());
+    assert!(
+        cms.get_opt("dry").await?.is_none(),
+        "dry run writes nothing"
+    );
+
+    let mut g = cm("", json!({}));
+    g.metadata.name = None;
+    g.metadata.generate_name = Some("gen-".into());
+    let made = cms.create(&PostParams::default(), &g).await?;
+    let name = made.metadata.name.unwrap();
+    assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+
+    for (n, l) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        let mut c = cm(n, json!({}));
+        c.metadata.labels = Some([("grp".to_string(), l.to_string())].into());
+        cms.create(&PostParams::default(), &c).await?;
+    }
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("grp=x"),
+    )
+    .await?;
+    let left = cms.list(&ListParams::default().labels("grp")).await?;
+    assert_eq!(left.items.len(), 1);
+
+    // Raw requests: a malformed body, a wrong kind, an unknown path, a wrong method.
+    let raw = |method: &str, path: &str, body: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .body(body.as_bytes().to_vec())
+            .unwrap()
+    };
+    let status = |r: kube::Result<String>| match r {
+        Err(kube::Error::Api(s)) => (s.code, s.reason.clone()),
+        other => panic!("expected a Status error, got {other:?}"),
+    };
+    let base = "/api/v1/namespaces/default/configmaps";
+    assert_eq!(
+        status(client.request_text(raw("POST", base, "{not json")).await),
+        (400, "BadRequest".into())
+    );
+    let wrong = r#"{"apiVersion":"v1","kind":"Secret","metadata":{"name":"w"}}"#;
+    assert_eq!(
+        status(client.request_text(raw("POST", base, wrong)).await),
+        (400, "BadRequest".into())
+    );
+    assert_eq!(
+        status(client.request_text(raw("GET", "/api/v1/widgets", "")).await),
+        (404, "NotFound".into())
+    );
+    assert_eq!(
+        status(
+            client
+                .request_text(raw(
+                    "GET",
+                    "/apis/apps/v1/namespaces/default/deployments/x/nope",
+                    ""
+                ))
+                .await
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        status(client.request_text(raw("PUT", base, "{}")).await).0,
+        405
+    );
+    let bad_sel = format!("{base}?labelSelector=a%20b");
+    assert_eq!(
+        status(client.request_text(raw("GET", &bad_sel, "")).await).0,
+        400
+    );
+    Ok(())
+}
