@@ -1,15 +1,25 @@
 //! The `oxlet` command.
 
 mod image_cmd;
+mod run_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "oxlet", version, about = "A Linux-native Kubernetes node stack")]
+#[command(
+    name = "oxlet",
+    version,
+    about = "A Linux-native Kubernetes node stack"
+)]
 struct Cli {
     /// Where oxlet keeps images, containers and state.
-    #[arg(long, global = true, default_value = "/var/lib/oxlet", env = "OXLET_DATA_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/var/lib/oxlet",
+        env = "OXLET_DATA_DIR"
+    )]
     data_dir: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -29,13 +39,15 @@ enum Command {
         #[arg(long, default_value = "/etc/oxlet/admin.kubeconfig")]
         kubeconfig: std::path::PathBuf,
     },
+    /// Run one container from an image (or an OCI bundle) and exit with its exit code.
+    Run(run_cmd::RunArgs),
 }
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("OXLET_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,libcgroups=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -47,6 +59,10 @@ fn main() -> Result<()> {
             cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], port));
             cfg.kubeconfig = kubeconfig;
             Ok(control::up(cfg)?)
+        }
+        Command::Run(args) => {
+            let code = run_cmd::run(&cli.data_dir, args)?;
+            std::process::exit(code)
         }
     }
 }

@@ -218,7 +218,7 @@ pub fn ensure_pod_cgroup(spec: &PodSpec, pod_uid: &str) -> Result<String> {
             "kubepods/besteffort",
             CgroupBuilder::new("kubepods/besteffort")
                 .cpu()
-                .shares(MIN_SHARES)
+                .shares(shares_for_hierarchy(MIN_SHARES))
                 .done(),
         )?;
     } else if qos == QosClass::Burstable {
@@ -228,7 +228,9 @@ pub fn ensure_pod_cgroup(spec: &PodSpec, pod_uid: &str) -> Result<String> {
         )?;
     }
     let (shares, quota, memory) = pod_resources(spec)?;
-    let mut b = CgroupBuilder::new(&path).cpu().shares(shares);
+    let mut b = CgroupBuilder::new(&path)
+        .cpu()
+        .shares(shares_for_hierarchy(shares));
     if let Some(q) = quota {
         b = b.period(CFS_PERIOD_US).quota(q);
     }
@@ -238,6 +240,15 @@ pub fn ensure_pod_cgroup(spec: &PodSpec, pod_uid: &str) -> Result<String> {
     }
     build(&path, b)?;
     Ok(path)
+}
+
+/// cgroups-rs writes the value as is: v2's `cpu.weight` wants kubelet's conversion of shares.
+fn shares_for_hierarchy(shares: u64) -> u64 {
+    if is_v2() {
+        1 + (shares.max(MIN_SHARES) - 2) * 9999 / 262_142
+    } else {
+        shares
+    }
 }
 
 fn build(path: &str, b: CgroupBuilder) -> Result<Cgroup> {

@@ -340,3 +340,89 @@ impl Drop for SandboxGuard {
         let _ = runtime::sandbox::remove(&self.0, &self.1);
     }
 }
+
+#[test]
+fn pod_cgroups_follow_qos() {
+    use k8s_openapi::api::core::v1::PodSpec;
+    let uid = unique("uid");
+    let c1 = with_resources(sh("a", "true"), &[("cpu", "200m"), ("memory", "16Mi")]);
+    let mut c2 = with_resources(sh("b", "true"), &[("cpu", "300m"), ("memory", "16Mi")]);
+    // A request below the limit makes the pod Burstable.
+    c2.resources.as_mut().unwrap().requests = Some(
+        [(
+            "cpu".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("100m".into()),
+        )]
+        .into(),
+    );
+    let pod = PodSpec {
+        containers: vec![c1.clone(), c2],
+        ..Default::default()
+    };
+    assert_eq!(
+        runtime::cgroup::qos_class(&pod).unwrap(),
+        runtime::cgroup::QosClass::Burstable
+    );
+    let path = runtime::cgroup::ensure_pod_cgroup(&pod, &uid).unwrap();
+    let _guard = CgroupGuard(path.clone());
+    assert_eq!(path, format!("kubepods/burstable/pod{uid}"));
+    // Idempotent: a second call reuses the cgroup.
+    assert_eq!(
+        runtime::cgroup::ensure_pod_cgroup(&pod, &uid).unwrap(),
+        path
+    );
+    let cpu = runtime::cgroup::controller_dir("cpu", &path);
+    let mem = runtime::cgroup::controller_dir("memory", &path);
+    if runtime::cgroup::is_v2() {
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.max")).unwrap().trim(),
+            "50000 100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(mem.join("memory.max"))
+                .unwrap()
+                .trim(),
+            (32u64 << 20).to_string()
+        );
+        // shares 307 (200m + 100m requests) as cgroup v2 weight: 1 + (307-2)*9999/262142.
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.weight"))
+                .unwrap()
+                .trim(),
+            "12"
+        );
+    } else {
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.shares"))
+                .unwrap()
+                .trim(),
+            "307"
+        );
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.cfs_quota_us"))
+                .unwrap()
+                .trim(),
+            "50000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+                .unwrap()
+                .trim(),
+            (32u64 << 20).to_string()
+        );
+    }
+    // A container runs inside the pod cgroup.
+    let env = Env::new();
+    let b = Bundle::new(&env, &c1, Namespaces::default(), &path);
+    b.create();
+    container::start(&env.paths, &b.id).unwrap();
+    assert_eq!(
+        container::wait(&env.paths, &b.id, Duration::from_secs(30))
+            .unwrap()
+            .exit_code,
+        0
+    );
+    container::delete(&env.paths, &b.id).unwrap();
+    runtime::cgroup::remove_cgroup(&path).unwrap();
+    assert!(!cpu.exists() && !mem.exists());
+}
