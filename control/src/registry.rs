@@ -458,6 +458,13 @@ impl Registry {
         name: &str,
         opts: &DeleteOptions,
     ) -> ApiResult<Value> {
+        if rt.kind == "Namespace" && matches!(name, "default" | "kube-system" | "kube-public") {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"),
+            ));
+        }
         let key = rt.key(ns, name);
         let mut out = None;
         let mut gone = false;

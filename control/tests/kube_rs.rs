@@ -411,6 +411,22 @@ async fn watch_resume_and_gone() -> Result<()> {
         WatchEvent::Error(e) => assert_eq!(e.code, 410),
         other => panic!("expected a 410 error event, got {other:?}"),
     }
+    // The streaming list (sendInitialEvents) ends its initial events with a bookmark.
+    let cfg = kube::runtime::watcher::Config::default().streaming_lists();
+    let mut streamed = Box::pin(kube::runtime::watcher(cms.clone(), cfg));
+    let mut names = Vec::new();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), streamed.next())
+            .await?
+            .unwrap()?;
+        match ev {
+            kube::runtime::watcher::Event::InitApply(c) => names.push(c.metadata.name.unwrap()),
+            kube::runtime::watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["b", "c", "d", "e", "kube-root-ca.crt"]);
     // kube-runtime's watcher relists and carries on.
     let stream = kube::runtime::watcher(cms.clone(), Default::default());
     let mut stream = Box::pin(stream);
@@ -504,6 +520,12 @@ async fn graceful_delete_finalizers_and_gc() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "namespace finished");
+    let e = api_err(
+        nss.delete("default", &DeleteParams::default())
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (403, "Forbidden"));
     assert!(tmp.list(&ListParams::default()).await?.items.is_empty());
     Ok(())
 }
