@@ -91,6 +91,19 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         (&Method::POST, Some(name), Some("binding")) if rt.kind == "Pod" => {
             bind(reg, &c, name, body)
         }
+        (&Method::POST, Some(name), Some("eviction")) if rt.kind == "Pod" => {
+            // No PodDisruptionBudgets are served, so an eviction is always allowed: it is a
+            // delete with the eviction's options.
+            let ev = http::parse_object(&c.content_type, body)?;
+            let raw = match ev.get("deleteOptions") {
+                Some(o) if o.is_object() => serde_json::to_vec(o).unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            reg.delete(rt, c.ns(), name, &delete_options(&HashMap::new(), &raw)?)?;
+            let ok = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Success", "code": 201});
+            Ok(http::json_response(201, &ok))
+        }
         (&Method::PUT, Some(name), sub @ (None | Some("status"))) => {
             let obj = http::parse_object(&c.content_type, body)?;
             check_kind(rt, &obj)?;

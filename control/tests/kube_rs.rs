@@ -458,6 +458,13 @@ async fn graceful_delete_finalizers_and_gc() -> Result<()> {
     )
     .await?;
     assert_eq!(api_err(pods.get("bound").await.unwrap_err()).code, 404);
+    // Eviction is a delete (no disruption budgets): the bound pod is marked for deletion.
+    // (kube-rs 5 sends its options as `delete_options`, which the real server ignores too.)
+    pods.create(&PostParams::default(), &pod("evicted", Some("n1")))
+        .await?;
+    pods.evict("evicted", &Default::default()).await?;
+    let p = pods.get("evicted").await?;
+    assert_eq!(p.metadata.deletion_grace_period_seconds, Some(30));
     // An unscheduled pod goes at once.
     pods.create(&PostParams::default(), &pod("free", None))
         .await?;
