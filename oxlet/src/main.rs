@@ -47,7 +47,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("OXLET_LOG")
-                .unwrap_or_else(|_| "warn,libcgroups=error".into()),
+                .unwrap_or_else(|_| "warn,libcgroups=error,libcontainer=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,13 +1,12 @@
 //! `oxlet run`: one container outside Kubernetes, output streamed, exit code passed on. The way a
 //! user checks that the runtime works, and what the runtime benchmark drives.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use k8s_openapi::api::core::v1::{Container, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use runtime::image::{ImageStore, PullOptions, PullPolicy};
 use runtime::spec::{Namespaces, Ns, SpecInput};
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -40,17 +39,12 @@ pub struct RunArgs {
 
 pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
     let id = format!("oxlet-run-{}", std::process::id());
-    let (stdout, stderr) = (
-        dup(std::io::stdout().as_fd())?,
-        dup(std::io::stderr().as_fd())?,
-    );
     if let Some(bundle) = &args.bundle {
         return Ok(runtime::container::run_foreground(
             &args.state_root,
             &id,
             bundle,
-            stdout,
-            stderr,
+            None,
         )?);
     }
     let reference = args
@@ -116,8 +110,7 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
             &args.state_root,
             &id,
             &dir,
-            stdout,
-            stderr,
+            None,
         )?)
     })();
     let unmounted = runtime::image::unmount_rootfs(&dir);
@@ -138,12 +131,5 @@ fn limits(args: &RunArgs) -> ResourceRequirements {
     ResourceRequirements {
         limits: (!limits.is_empty()).then_some(limits),
         ..Default::default()
-    }
-}
-
-fn dup(fd: std::os::fd::BorrowedFd) -> Result<OwnedFd> {
-    match fd.try_clone_to_owned() {
-        Ok(f) => Ok(f),
-        Err(e) => bail!("dup: {e}"),
     }
 }

@@ -31,7 +31,7 @@ pub enum Error {
     Libcontainer {
         id: String,
         #[source]
-        source: libcontainer::error::LibcontainerError,
+        source: Box<libcontainer::error::LibcontainerError>,
     },
     #[error("container {id}: shim: {message}")]
     Shim { id: String, message: String },
@@ -122,7 +122,10 @@ fn io_err(id: &str, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> E
 
 fn lc_err(id: &str) -> impl FnOnce(libcontainer::error::LibcontainerError) -> Error {
     let id = id.to_string();
-    move |source| Error::Libcontainer { id, source }
+    move |source| Error::Libcontainer {
+        id,
+        source: Box::new(source),
+    }
 }
 
 /// Options the shim needs besides the bundle.
@@ -400,23 +403,24 @@ pub fn exit_code(status: WaitStatus) -> Option<(i32, Option<i32>)> {
     }
 }
 
-/// Creates, starts and waits for a container in this process, with its output on `stdout` and
-/// `stderr`, then deletes it (`oxlet run`). Returns the exit code. Call it from a process with a
-/// single thread: libcontainer forks.
+/// Creates, starts and waits for a container in this process, then deletes it (`oxlet run`).
+/// Its output goes to `output` (stdout, stderr), or to this process's own stdio when `None`.
+/// Returns the exit code. Call it from a process with a single thread: libcontainer forks.
 pub fn run_foreground(
     state_root: &Path,
     id: &str,
     bundle: &Path,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    output: Option<(OwnedFd, OwnedFd)>,
 ) -> Result<i32> {
     valid_id(id)?;
     std::fs::create_dir_all(state_root).map_err(io_err(id, "state root"))?;
-    let mut c = ContainerBuilder::new(id.to_string(), SyscallType::default())
+    let mut builder = ContainerBuilder::new(id.to_string(), SyscallType::default())
         .with_root_path(state_root)
-        .map_err(lc_err(id))?
-        .with_stdout(stdout)
-        .with_stderr(stderr)
+        .map_err(lc_err(id))?;
+    if let Some((stdout, stderr)) = output.or_else(own_output) {
+        builder = builder.with_stdout(stdout).with_stderr(stderr);
+    }
+    let mut c = builder
         .as_init(bundle)
         .with_systemd(false)
         .with_detach(true)
@@ -438,6 +442,34 @@ pub fn run_foreground(
     let code = result?;
     deleted?;
     Ok(code.0)
+}
+
+/// Our stdout and stderr, with /dev/null swapped for /dev/zero: libcontainer re-opens a /dev/null
+/// stdio fd inside the container read-only, so writes to it would fail with EBADF; writes to
+/// /dev/zero are discarded just the same (null(4)). `None` when neither is /dev/null.
+fn own_output() -> Option<(OwnedFd, OwnedFd)> {
+    let is_null = |fd: i32| {
+        nix::sys::stat::fstat(fd).is_ok_and(|st| {
+            st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(1, 3)
+        })
+    };
+    if !is_null(1) && !is_null(2) {
+        return None;
+    }
+    let pick = |fd: i32| -> Option<OwnedFd> {
+        if is_null(fd) {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/zero")
+                .ok()
+                .map(OwnedFd::from)
+        } else {
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .ok()
+        }
+    };
+    Some((pick(1)?, pick(2)?))
 }
 
 /// Waits for `pid`, reaping other children met on the way (the caller may be a subreaper).

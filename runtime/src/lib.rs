@@ -5,6 +5,7 @@
 
 pub mod cgroup;
 pub mod container;
+pub mod cri;
 pub mod image;
 pub mod log;
 pub mod sandbox;

@@ -425,4 +425,9 @@ fn pod_cgroups_follow_qos() {
     container::delete(&env.paths, &b.id).unwrap();
     runtime::cgroup::remove_cgroup(&path).unwrap();
     assert!(!cpu.exists() && !mem.exists());
+    // The QoS levels are node-wide; they go only when no other pod uses them.
+    for root in runtime::cgroup::controller_roots() {
+        let _ = std::fs::remove_dir(root.join("kubepods/burstable"));
+        let _ = std::fs::remove_dir(root.join("kubepods"));
+    }
 }
