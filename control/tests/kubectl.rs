@@ -301,3 +301,70 @@ async fn kubectl_get_watch_shows_new_objects() -> Result<()> {
     );
     Ok(())
 }
+
+/// `kubectl create <kind>`, `run` and `expose`: kubectl 1.32+ sends their bodies as protobuf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_generators() -> Result<()> {
+    let ts = TestServer::start().await?;
+    for v in common::KUBECTL_VERSIONS {
+        let ns = format!("gen{v}");
+        let k = |args: &[&str]| {
+            let mut a = vec!["-n", ns.as_str()];
+            a.extend_from_slice(args);
+            ts.kubectl(*v, &a)
+        };
+        ok(ts.kubectl(*v, &["create", "namespace", &ns]));
+        ok(k(&["create", "serviceaccount", "bot"]));
+        let token = ok(k(&["create", "token", "bot", "--duration=20m"]));
+        assert_eq!(token.trim().split('.').count(), 3, "a JWT: {token}");
+        ok(k(&[
+            "create",
+            "deployment",
+            "web",
+            "--image=nginx:1.25",
+            "--replicas=2",
+            "--port=80",
+        ]));
+        ok(k(&["create", "service", "nodeport", "np", "--tcp=80:http"]));
+        ok(k(&[
+            "run",
+            "p",
+            "--image=busybox:1.36",
+            "--env=A=B",
+            "--labels=x=y",
+            "--restart=Never",
+            "--",
+            "sleep",
+            "9",
+        ]));
+        ok(k(&[
+            "expose",
+            "deployment",
+            "web",
+            "--port=8080",
+            "--target-port=80",
+            "--name=exposed",
+        ]));
+        let out = ok(k(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas} {.spec.template.spec.containers[0].ports[0].containerPort} {.spec.template.spec.restartPolicy}"]));
+        assert_eq!(out, "2 80 Always", "kubectl 1.{v}");
+        let out = ok(k(&[
+            "get",
+            "svc",
+            "np",
+            "-o",
+            "jsonpath={.spec.type} {.spec.ports[0].targetPort}",
+        ]));
+        assert_eq!(out, "NodePort http", "kubectl 1.{v}");
+        let out = ok(k(&[
+            "get",
+            "svc",
+            "exposed",
+            "-o",
+            "jsonpath={.spec.selector.app} {.spec.ports[0].port}",
+        ]));
+        assert_eq!(out, "web 8080", "kubectl 1.{v}");
+        let out = ok(k(&["get", "pod", "p", "-o", "jsonpath={.spec.restartPolicy} {.spec.containers[0].args} {.spec.containers[0].env[0].value} {.metadata.labels.x}"]));
+        assert_eq!(out, r#"Never ["sleep","9"] B y"#, "kubectl 1.{v}");
+    }
+    Ok(())
+}
