@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::http::MediaType;
-use crate::resources::{self, ResourceType, GROUPS, TYPES};
+use crate::resources::{self, ResourceType};
 
 fn sub_verbs(sub: &str) -> &'static [&'static str] {
     match sub {
@@ -89,7 +89,9 @@ pub fn aggregated(core: bool, version: &str) -> Value {
     let items: Vec<Value> = if core {
         vec![aggregated_group("", "v1")]
     } else {
-        GROUPS.iter().map(|(g, v)| aggregated_group(g, v)).collect()
+        resources::discovery_groups()
+            .map(|(g, v)| aggregated_group(g, v))
+            .collect()
     };
     json!({"kind": "APIGroupDiscoveryList", "apiVersion": format!("apidiscovery.k8s.io/{version}"), "metadata": {}, "items": items})
 }
@@ -105,26 +107,27 @@ fn group_entry(g: &str, v: &str) -> Value {
 }
 
 pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = GROUPS.iter().map(|(g, v)| group_entry(g, v)).collect();
+    let groups: Vec<Value> = resources::discovery_groups()
+        .map(|(g, v)| group_entry(g, v))
+        .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 pub fn api_group(group: &str) -> Option<Value> {
-    GROUPS.iter().find(|(g, _)| *g == group).map(|(g, v)| {
-        let mut e = group_entry(g, v);
-        e["kind"] = json!("APIGroup");
-        e["apiVersion"] = json!("v1");
-        e
-    })
+    resources::discovery_groups()
+        .find(|(g, _)| *g == group)
+        .map(|(g, v)| {
+            let mut e = group_entry(g, v);
+            e["kind"] = json!("APIGroup");
+            e["apiVersion"] = json!("v1");
+            e
+        })
 }
 
 /// `/api/v1` or `/apis/<group>/<version>` as an APIResourceList.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     let mut out = Vec::new();
-    for rt in TYPES
-        .iter()
-        .filter(|t| t.group == group && t.version == version)
-    {
+    for rt in resources::in_group_version(group, version) {
         let mut r = json!({
             "name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced,
             "kind": rt.kind, "verbs": rt.verbs(),

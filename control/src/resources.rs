@@ -16,6 +16,8 @@ pub struct ResourceType {
     pub generation: bool,
     /// Whether `status` is only written through the status subresource.
     pub status_sub: bool,
+    /// A review: only `create`, answered from the request and not stored.
+    pub review: bool,
 }
 
 impl ResourceType {
@@ -63,6 +65,9 @@ impl ResourceType {
     }
 
     pub fn verbs(&self) -> &'static [&'static str] {
+        if self.review {
+            return &["create"];
+        }
         &[
             "create",
             "delete",
@@ -93,6 +98,7 @@ macro_rules! rt {
             subresources: $sub,
             generation: $gen,
             status_sub: $st,
+            review: false,
         }
     };
 }
@@ -272,6 +278,45 @@ pub static GROUPS: &[(&str, &str)] = &[
     ("coordination.k8s.io", "v1"),
 ];
 
+const fn review(group: &'static str, plural: &'static str, kind: &'static str) -> ResourceType {
+    ResourceType {
+        group,
+        version: "v1",
+        plural,
+        singular: "",
+        kind,
+        namespaced: false,
+        short_names: NONE,
+        categories: NONE,
+        subresources: NONE,
+        generation: false,
+        status_sub: false,
+        review: true,
+    }
+}
+
+/// Reviews served for `kubectl auth whoami` and `kubectl auth can-i`.
+pub static REVIEWS: &[ResourceType] = &[
+    review(
+        "authentication.k8s.io",
+        "selfsubjectreviews",
+        "SelfSubjectReview",
+    ),
+    review(
+        "authorization.k8s.io",
+        "selfsubjectaccessreviews",
+        "SelfSubjectAccessReview",
+    ),
+];
+
+/// All groups in discovery: those with stored types, then the review groups.
+pub fn discovery_groups() -> impl Iterator<Item = (&'static str, &'static str)> {
+    GROUPS
+        .iter()
+        .copied()
+        .chain(REVIEWS.iter().map(|r| (r.group, r.version)))
+}
+
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
     TYPES
         .iter()
@@ -286,7 +331,10 @@ pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
 
 pub fn in_group_version(group: &str, version: &str) -> impl Iterator<Item = &'static ResourceType> {
     let (g, v) = (group.to_string(), version.to_string());
-    TYPES.iter().filter(move |t| t.group == g && t.version == v)
+    TYPES
+        .iter()
+        .chain(REVIEWS)
+        .filter(move |t| t.group == g && t.version == v)
 }
 
 pub fn namespaces() -> &'static ResourceType {

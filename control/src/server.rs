@@ -316,6 +316,28 @@ async fn dispatch(
         }
         _ => {}
     }
+    if let (Some(id), ["apis", group, "v1", plural]) = (id, segs.as_slice()) {
+        if req.method() == Method::POST
+            && resources::REVIEWS
+                .iter()
+                .any(|r| r.group == *group && r.plural == *plural)
+        {
+            let ct = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("application/json")
+                .to_string();
+            let body = http::parse_object(&ct, &http::read_body(req.into_body()).await?)?;
+            let out = match *plural {
+                "selfsubjectreviews" => {
+                    crate::auth::self_subject_review(id, "authentication.k8s.io/v1")
+                }
+                _ => crate::auth::self_subject_access_review(&body),
+            };
+            return Ok(http::json_response(201, &out));
+        }
+    }
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),

@@ -368,3 +368,27 @@ async fn kubectl_create_generators() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_auth_whoami_and_can_i() -> Result<()> {
+    let ts = TestServer::start().await?;
+    for v in [30, 33] {
+        let out = ok(ts.kubectl(v, &["auth", "whoami"]));
+        assert!(
+            out.contains("kubernetes-admin") && out.contains("system:masters"),
+            "{out}"
+        );
+        assert_eq!(
+            ok(ts.kubectl(v, &["auth", "can-i", "create", "pods"])).trim(),
+            "yes"
+        );
+    }
+    // The node credentials name the node's user and group.
+    let node_kc = ts.dir.path().join("data/node.kubeconfig");
+    let out = ok(common::kubectl(&node_kc, 33, &["auth", "whoami"], None));
+    assert!(
+        out.contains("system:node:") && out.contains("system:nodes"),
+        "{out}"
+    );
+    Ok(())
+}

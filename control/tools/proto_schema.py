@@ -15,6 +15,7 @@ FILES = [
     (API, "core/v1/generated.proto"),
     (API, "apps/v1/generated.proto"),
     (API, "authentication/v1/generated.proto"),
+    (API, "authorization/v1/generated.proto"),
     (API, "discovery/v1/generated.proto"),
     (API, "coordination/v1/generated.proto"),
     (MACH, "pkg/apis/meta/v1/generated.proto"),
