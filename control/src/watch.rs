@@ -158,7 +158,14 @@ pub fn watch(reg: &Registry, c: Call) -> ApiResult<Response<Body>> {
             tokio::time::interval_at(tokio::time::Instant::now() + BOOKMARK_EVERY, BOOKMARK_EVERY);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tokio::time::sleep_until(deadline) => {
+                    // A last bookmark lets the client resume right where this stream ends.
+                    if bookmarks {
+                        let b = json!({"kind": c.rt.kind, "apiVersion": c.rt.api_version(), "metadata": {"resourceVersion": last.to_string()}});
+                        em.send(&c, "BOOKMARK", b).await;
+                    }
+                    return;
+                }
                 _ = em.tx.closed() => return,
                 _ = tick.tick(), if bookmarks => {
                     let b = json!({"kind": c.rt.kind, "apiVersion": c.rt.api_version(), "metadata": {"resourceVersion": last.to_string()}});

@@ -411,6 +411,25 @@ async fn watch_resume_and_gone() -> Result<()> {
         WatchEvent::Error(e) => assert_eq!(e.code, 410),
         other => panic!("expected a 410 error event, got {other:?}"),
     }
+    // A watch that times out ends with a bookmark at the newest revision it covered.
+    let mut short = cms
+        .watch(&WatchParams::default().timeout(1), "0")
+        .await?
+        .boxed();
+    let mut bookmark = None;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), short.try_next()).await?? {
+        if let WatchEvent::Bookmark(b) = ev {
+            bookmark = Some(b.metadata.resource_version);
+        }
+    }
+    let newest = cms
+        .list(&ListParams::default())
+        .await?
+        .metadata
+        .resource_version
+        .unwrap();
+    let bookmark: i64 = bookmark.expect("a closing bookmark").parse()?;
+    assert!(bookmark > 0 && bookmark <= newest.parse()?);
     // The streaming list (sendInitialEvents) ends its initial events with a bookmark.
     let cfg = kube::runtime::watcher::Config::default().streaming_lists();
     let mut streamed = Box::pin(kube::runtime::watcher(cms.clone(), cfg));
