@@ -5,7 +5,10 @@
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::registry::{decode, meta_str, DeleteOptions, ListOptions, Listed, Registry, Write};
+use crate::registry::{
+    decode, meta_has_finalizer, meta_str, DeleteOptions, ListOptions, Listed, Registry, Write,
+    FOREGROUND,
+};
 use crate::resources::{self, TYPES};
 use crate::store::EventKind;
 
@@ -73,6 +76,68 @@ pub fn collect(reg: &Registry, ns: Option<&str>, gone_uid: &str) {
     }
 }
 
+/// Removes references to `owner_uid` from its dependents, which then stay (Orphan).
+pub fn orphan(reg: &Registry, ns: Option<&str>, owner_uid: &str) {
+    for rt in TYPES.iter().filter(|t| t.namespaced || ns.is_none()) {
+        let scope = if rt.namespaced { ns } else { None };
+        let Ok(Listed { items, .. }) = reg.list(rt, scope, &ListOptions::default()) else {
+            continue;
+        };
+        for obj in items {
+            let refs: Vec<Value> = obj
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if !refs.iter().any(|r| r["uid"] == owner_uid) {
+                continue;
+            }
+            let kept: Vec<Value> = refs.into_iter().filter(|r| r["uid"] != owner_uid).collect();
+            let mut o = obj.clone();
+            o["metadata"]["ownerReferences"] = if kept.is_empty() {
+                Value::Null
+            } else {
+                json!(kept)
+            };
+            let (name, ons) = (
+                meta_str(&obj, "name").to_string(),
+                meta_str(&obj, "namespace").to_string(),
+            );
+            let ons = (!ons.is_empty()).then_some(ons);
+            if let Err(e) = reg.update(rt, ons.as_deref(), &name, o, false, Write::NONE) {
+                warn!(name, "orphaning: {e}");
+            }
+        }
+    }
+}
+
+/// Foreground deletion: deletes the dependents, then lets the owner go by removing its
+/// `foregroundDeletion` finalizer.
+fn finish_foreground(reg: &Registry, key: &str, owner: &Value) {
+    let ns = meta_str(owner, "namespace").to_string();
+    let ns = (!ns.is_empty()).then_some(ns);
+    collect(reg, ns.as_deref(), meta_str(owner, "uid"));
+    let Some(rt) = resources::by_kind(
+        owner["apiVersion"].as_str().unwrap_or(""),
+        owner["kind"].as_str().unwrap_or(""),
+    ) else {
+        return;
+    };
+    let name = meta_str(owner, "name");
+    let Ok(mut cur) = reg.get(rt, ns.as_deref(), name) else {
+        return;
+    };
+    if let Some(f) = cur
+        .pointer_mut("/metadata/finalizers")
+        .and_then(Value::as_array_mut)
+    {
+        f.retain(|x| x != FOREGROUND);
+    }
+    if let Err(e) = reg.update(rt, ns.as_deref(), name, cur, false, Write::NONE) {
+        debug!(key, "foreground finish: {e}");
+    }
+}
+
 /// Runs forever, collecting after every deletion.
 pub async fn run(reg: Registry) {
     loop {
@@ -91,6 +156,17 @@ pub async fn run(reg: Registry) {
                         collect(&r, (!ns.is_empty()).then_some(ns.as_str()), &uid)
                     })
                     .await;
+                }
+                Ok(ev) if ev.kind == EventKind::Modified => {
+                    let o = decode(&ev.entry);
+                    if o.pointer("/metadata/deletionTimestamp").is_some()
+                        && meta_has_finalizer(&o, FOREGROUND)
+                    {
+                        let (r, key) = (reg.clone(), ev.entry.key.clone());
+                        let _ =
+                            tokio::task::spawn_blocking(move || finish_foreground(&r, &key, &o))
+                                .await;
+                    }
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,

@@ -65,7 +65,22 @@ pub struct DeleteOptions {
     pub grace_seconds: Option<i64>,
     pub expected_rv: Option<i64>,
     pub expected_uid: Option<String>,
+    pub propagation: Propagation,
 }
+
+/// What happens to dependents (objects whose ownerReferences name the deleted one).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// The owner goes now; the garbage collector deletes dependents after.
+    #[default]
+    Background,
+    /// The owner stays (with the `foregroundDeletion` finalizer) until its dependents are gone.
+    Foreground,
+    /// Dependents stay, with the reference to the owner removed.
+    Orphan,
+}
+
+pub const FOREGROUND: &str = "foregroundDeletion";
 
 pub fn now() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
@@ -479,6 +494,14 @@ impl Registry {
             {
                 return Err(ApiError::conflict(rt, name));
             }
+            if opts.propagation == Propagation::Foreground && !meta_has_finalizer(&obj, FOREGROUND)
+            {
+                let m = defaults::metadata(&mut obj);
+                let list = m.entry("finalizers").or_insert_with(|| json!([]));
+                if let Some(l) = list.as_array_mut() {
+                    l.push(json!(FOREGROUND));
+                }
+            }
             let finalizers = obj
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
@@ -551,6 +574,12 @@ impl Registry {
             .unwrap_or(30)
             .max(0)
     }
+}
+
+pub fn meta_has_finalizer(obj: &Value, name: &str) -> bool {
+    obj.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .is_some_and(|f| f.iter().any(|x| x == name))
 }
 
 /// A pod marked for graceful deletion stays until its kubelet deletes it with grace 0.

@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 
 use crate::http::{self, Body, MediaType};
 use crate::patch::{self, PatchType};
-use crate::registry::{meta_str, parse_rv, DeleteOptions, ListOptions, Listed, Registry, Write};
+use crate::registry::{
+    meta_str, parse_rv, DeleteOptions, ListOptions, Listed, Propagation, Registry, Write,
+};
 use crate::resources::ResourceType;
 use crate::select::{FieldSelector, LabelSelector};
 use crate::status::{ApiError, ApiResult};
@@ -119,6 +121,14 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         }
         (&Method::DELETE, Some(name), None) => {
             let opts = delete_options(&c.query, body)?;
+            if opts.propagation == Propagation::Orphan {
+                let owner = reg.get(rt, c.ns(), name)?;
+                crate::gc::orphan(
+                    reg,
+                    c.ns().filter(|_| rt.namespaced),
+                    meta_str(&owner, "uid"),
+                );
+            }
             let out = reg.delete(rt, c.ns(), name, &opts)?;
             Ok(http::json_response(200, &out))
         }
@@ -215,6 +225,23 @@ fn delete_options(q: &HashMap<String, String>, body: &[u8]) -> ApiResult<DeleteO
                 .and_then(Value::as_str)
                 .unwrap_or(""),
         )?,
+        propagation: match q
+            .get("propagationPolicy")
+            .map(String::as_str)
+            .or(b["propagationPolicy"].as_str())
+        {
+            Some("Foreground") => Propagation::Foreground,
+            Some("Orphan") => Propagation::Orphan,
+            Some("Background") | None if !b["orphanDependents"].as_bool().unwrap_or(false) => {
+                Propagation::Background
+            }
+            None | Some("Background") => Propagation::Orphan,
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported propagationPolicy {other:?}: Background, Foreground or Orphan"
+                )))
+            }
+        },
         expected_uid: b
             .pointer("/preconditions/uid")
             .and_then(Value::as_str)

@@ -526,6 +526,44 @@ async fn graceful_delete_finalizers_and_gc() -> Result<()> {
     }
     assert!(gone, "dependent collected");
 
+    // Orphan: the dependent stays, without the reference.
+    let owner = cms
+        .create(&PostParams::default(), &cm("owner2", json!({})))
+        .await?;
+    let owned_by = |o: &ConfigMap, name: &str| -> Result<ConfigMap> {
+        let mut d = cm(name, json!({}));
+        d.metadata.owner_references =
+            Some(vec![serde_json::from_value(json!({"apiVersion": "v1",
+            "kind": "ConfigMap", "name": o.metadata.name, "uid": o.metadata.uid}))?]);
+        Ok(d)
+    };
+    cms.create(&PostParams::default(), &owned_by(&owner, "kept")?)
+        .await?;
+    cms.delete("owner2", &DeleteParams::orphan()).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept = cms.get("kept").await?;
+    assert!(kept.metadata.owner_references.is_none_or(|r| r.is_empty()));
+
+    // Foreground: the owner waits, marked, until its dependents are gone.
+    let owner = cms
+        .create(&PostParams::default(), &cm("owner3", json!({})))
+        .await?;
+    cms.create(&PostParams::default(), &owned_by(&owner, "dep3")?)
+        .await?;
+    cms.delete("owner3", &DeleteParams::foreground()).await?;
+    let mut both_gone = false;
+    for _ in 0..50 {
+        if cms.get_opt("owner3").await?.is_none() {
+            both_gone = cms.get_opt("dep3").await?.is_none();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        both_gone,
+        "foreground deletion removed the dependent, then the owner"
+    );
+
     // Deleting a namespace deletes its content, then the namespace.
     let nss: Api<Namespace> = Api::all(client.clone());
     nss.create(
