@@ -86,6 +86,16 @@ fn merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
     })
 }
 
+/// The merge key of list `field` (for server-side apply's field sets).
+pub fn list_merge_key(field: &str, sample: Option<&Value>) -> Option<&'static str> {
+    merge_key(field, sample)
+}
+
+/// Whether list `field` holds scalars merged as a set.
+pub fn list_merges_primitives(field: &str) -> bool {
+    merges_primitives(field)
+}
+
 /// Lists of scalars merged as sets rather than replaced.
 fn merges_primitives(field: &str) -> bool {
     field == "finalizers"

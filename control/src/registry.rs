@@ -398,6 +398,11 @@ impl Registry {
         {
             let om = old["metadata"].as_object().cloned().unwrap_or_default();
             let meta = defaults::metadata(&mut new);
+            if !meta.contains_key("managedFields") {
+                if let Some(mf) = om.get("managedFields") {
+                    meta.insert("managedFields".into(), mf.clone());
+                }
+            }
             for f in [
                 "uid",
                 "creationTimestamp",

@@ -263,6 +263,20 @@ async fn patch_object(
         _ => serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("invalid patch: {e}")))?,
     };
+    let manager = c.query.get("fieldManager").cloned().unwrap_or_default();
+    if kind == PatchType::Apply {
+        if manager.is_empty() {
+            return Err(ApiError::bad_request(
+                "PATCH with apply requires a fieldManager parameter",
+            ));
+        }
+        if !p.is_object() {
+            return Err(ApiError::bad_request(
+                "an apply configuration must be an object",
+            ));
+        }
+    }
+    let now = crate::registry::now();
     // A patch that names a resourceVersion must match it; others are retried on conflict, as
     // the real server re-applies patches to the newest version.
     let pinned = p.pointer("/metadata/resourceVersion").is_some();
@@ -271,8 +285,8 @@ async fn patch_object(
             Ok(cur) => cur,
             Err(e) if e.code == 404 && kind == PatchType::Apply && sub.is_none() => {
                 check_kind(rt, &p)?;
-                let mut obj = p.clone();
-                crate::defaults::metadata(&mut obj).insert("name".into(), json!(name));
+                let mut obj = json!({"metadata": {"name": name}});
+                crate::apply::apply(&mut obj, &p, &manager, &rt.api_version(), &now);
                 return Ok(c.answer(201, reg.create(rt, c.ns(), obj, c.write()).await?));
             }
             Err(e) => return Err(e),
@@ -289,7 +303,12 @@ async fn patch_object(
             }
         }
         let mut doc = cur.clone();
-        patch::apply(kind, &mut doc, &p)?;
+        match kind {
+            PatchType::Apply => {
+                crate::apply::apply(&mut doc, &p, &manager, &rt.api_version(), &now)
+            }
+            _ => patch::apply(kind, &mut doc, &p)?,
+        }
         if kind == PatchType::Apply && !pinned {
             // Apply is not a conditional write unless the configuration says so.
             doc["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();

@@ -106,6 +106,27 @@ async fn crud_metadata_and_conflicts() -> Result<()> {
             "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "two"}, "data": {"k": "v"}})))
         .await?;
     assert_eq!(applied.data.unwrap()["k"], "v");
+    // Re-applying without a field the same manager applied before removes it.
+    let ssa = PatchParams::apply("test").force();
+    let cfg = |labels: serde_json::Value| {
+        Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "two", "labels": labels}, "data": {"k": "v"}}))
+    };
+    cms.patch("two", &ssa, &cfg(json!({"a": "1", "b": "2"})))
+        .await?;
+    cms.patch(
+        "two",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"c": "3"}}})),
+    )
+    .await?;
+    let two = cms.patch("two", &ssa, &cfg(json!({"a": "1"}))).await?;
+    let labels = two.metadata.labels.unwrap();
+    assert_eq!(labels.keys().cloned().collect::<Vec<_>>(), ["a", "c"]);
+    let mf = two.metadata.managed_fields.unwrap();
+    assert!(mf
+        .iter()
+        .any(|m| m.manager.as_deref() == Some("test") && m.operation.as_deref() == Some("Apply")));
     let got = cms.get("one").await?;
     let data = got.data.unwrap();
     assert_eq!(data.keys().cloned().collect::<Vec<_>>(), ["b", "c", "d"]);

@@ -181,6 +181,14 @@ async fn apply_get_delete(v: u32) -> Result<()> {
         ok(k(&["get", "cm", "ssa", "-o", "jsonpath={.data.a}"])),
         "2"
     );
+    let two_keys = ssa.replace("  a: '1'\n", "  a: '1'\n  b: '2'\n");
+    ok(ts.kubectl_stdin(v, &["apply", "--server-side", "-f", "-"], &two_keys));
+    ok(ts.kubectl_stdin(v, &["apply", "--server-side", "-f", "-"], ssa));
+    // `b`, applied before and now left out, is removed.
+    assert_eq!(
+        ok(k(&["get", "cm", "ssa", "-o", "jsonpath={.data}"])),
+        r#"{"a":"1"}"#
+    );
 
     // Errors.
     let err = fails(k(&["get", "pod", "nothing"]));
