@@ -142,17 +142,7 @@ impl Sandbox {
 }
 
 fn valid_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && !id.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidId(id.to_string()))
-    }
+    crate::container::valid_id(id).map_err(|_| Error::InvalidId(id.to_string()))
 }
 
 /// Creates the sandbox, or returns it if it already exists whole. On failure nothing is left.
