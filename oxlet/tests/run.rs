@@ -129,3 +129,40 @@ fn bad_images_give_kubelet_reasons() {
     );
     assert_clean(data.path());
 }
+
+#[test]
+fn sigterm_is_passed_to_the_container_and_cleaned_up() {
+    let data = tempfile::tempdir().unwrap();
+    let state = data.path().join("state");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oxlet"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "run",
+            "--state-root",
+            state.to_str().unwrap(),
+            BUSYBOX,
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg("trap 'echo got-term; exit 42' TERM; echo up; while :; do sleep 0.1; done")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "up\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(status.code(), Some(42));
+    assert_clean(data.path());
+}

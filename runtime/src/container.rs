@@ -427,6 +427,7 @@ pub fn run_foreground(
         .build()
         .map_err(lc_err(id))?;
     let result = (|| {
+        forward_signals_to_child();
         c.start().map_err(lc_err(id))?;
         let pid = c.pid().ok_or_else(|| Error::Shim {
             id: id.into(),
@@ -442,6 +443,27 @@ pub fn run_foreground(
     let code = result?;
     deleted?;
     Ok(code.0)
+}
+
+static PENDING_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn remember_signal(sig: libc::c_int) {
+    PENDING_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Ctrl-C, SIGTERM and SIGHUP no longer end this process but interrupt `wait_for`, which passes
+/// them on to the container, so `oxlet run` stops its container and still cleans up.
+fn forward_signals_to_child() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    // No SA_RESTART: waitpid must return EINTR to forward the signal.
+    let action = SigAction::new(
+        SigHandler::Handler(remember_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        let _ = unsafe { sigaction(sig, &action) };
+    }
 }
 
 /// Our stdout and stderr, with /dev/null swapped for /dev/zero: libcontainer re-opens a /dev/null
@@ -482,7 +504,12 @@ pub fn wait_for(pid: Pid) -> nix::Result<(i32, Option<i32>)> {
                 }
             }
             Ok(_) => {}
-            Err(nix::Error::EINTR) => {}
+            Err(nix::Error::EINTR) => {
+                let sig = PENDING_SIGNAL.swap(0, std::sync::atomic::Ordering::SeqCst);
+                if let Ok(sig) = Signal::try_from(sig) {
+                    let _ = nix::sys::signal::kill(pid, sig);
+                }
+            }
             Err(nix::Error::ECHILD) => return Ok((255, None)),
             Err(e) => return Err(e),
         }
