@@ -207,6 +207,22 @@ fn load(paths: &Paths, id: &str) -> Result<Container> {
     Ok(c)
 }
 
+/// The container's cgroup (relative to the cgroup root) as its bundle's config.json names it.
+pub fn cgroups_path(bundle: &Path) -> Option<String> {
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    spec["linux"]["cgroupsPath"]
+        .as_str()
+        .map(|s| s.trim_start_matches('/').to_string())
+}
+
+/// CPU and memory usage of a container from its cgroup (zeros once the cgroup is gone).
+pub fn usage(paths: &Paths, id: &str) -> Result<crate::cgroup::Usage> {
+    valid_id(id)?;
+    let cgroup = cgroups_path(&paths.dir(id)).ok_or_else(|| Error::NotFound(id.to_string()))?;
+    Ok(crate::cgroup::usage(&cgroup))
+}
+
 /// The exit record the shim wrote, if the process ended.
 pub fn exit_info(paths: &Paths, id: &str) -> Option<ExitInfo> {
     let data = std::fs::read(paths.dir(id).join("exit.json")).ok()?;

@@ -166,6 +166,11 @@ impl Runtime {
         Ok(container::state(&self.paths, id)?)
     }
 
+    /// CPU and memory usage of a container, as kubelet's stats report them.
+    pub fn container_usage(&self, id: &str) -> Result<crate::cgroup::Usage> {
+        Ok(container::usage(&self.paths, id)?)
+    }
+
     pub fn list_containers(&self) -> Vec<String> {
         container::list(&self.paths)
     }

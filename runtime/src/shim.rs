@@ -130,7 +130,7 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
         }
     };
     let pid = container.pid().ok_or("container has no pid")?;
-    let cgroup = cgroups_path(&bundle);
+    let cgroup = crate::container::cgroups_path(&bundle);
     let copiers: Vec<_> = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)]
         .into_iter()
         .map(|(fd, stream)| {
@@ -167,14 +167,6 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
         .and_then(|_| std::fs::rename(&tmp, bundle.join("exit.json")))
         .map_err(|e| format!("exit record: {e}"))?;
     Ok(())
-}
-
-fn cgroups_path(bundle: &std::path::Path) -> Option<String> {
-    let spec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
-    spec["linux"]["cgroupsPath"]
-        .as_str()
-        .map(|s| s.trim_start_matches('/').to_string())
 }
 
 fn exec(f: &HashMap<String, String>, cmd: Vec<String>) -> i32 {

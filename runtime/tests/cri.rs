@@ -194,3 +194,44 @@ fn remove_leaves_no_mounts_state_or_cgroups() {
     assert!(!pod.rt.paths().state_root.join(&id).exists());
     assert!(!runtime::cgroup::controller_dir("memory", &format!("{}/{id}", pod.cgroup.0)).exists());
 }
+
+#[test]
+fn usage_of_a_running_container() {
+    let pod = Pod::new();
+    let id = unique("c");
+    pod.containers.borrow_mut().push(id.clone());
+    let image = pod.image(BUSYBOX);
+    let sandbox = pod.rt.sandbox(&pod.sandbox).unwrap();
+    // Holds 8 MiB in a tmpfs file (charged to the cgroup) and burns a little cpu.
+    let c = sh("u", "head -c 8388608 /dev/zero > /dev/shm/fill; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 1000");
+    pod.rt
+        .create_container(&ContainerRequest {
+            id: &id,
+            sandbox: &sandbox,
+            container: &c,
+            pod_security: None,
+            image: &image,
+            env: None,
+            mounts: vec![],
+            hostname: "web-0".into(),
+            cgroup_parent: &pod.cgroup.0,
+            log_path: pod.tmp.path().join("logs").join(&id).join("0.log"),
+            oom_score_adj: None,
+        })
+        .unwrap();
+    pod.rt.start_container(&id).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let usage = loop {
+        let u = pod.rt.container_usage(&id).unwrap();
+        if (u.memory_working_set >= 8 << 20 && u.cpu_usage_ns > 0)
+            || std::time::Instant::now() > deadline
+        {
+            break u;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(usage.memory_working_set >= 8 << 20, "{usage:?}");
+    assert!(usage.cpu_usage_ns > 1_000_000, "{usage:?}");
+    assert_eq!(usage.oom_kills, 0);
+    pod.rt.stop_container(&id, Duration::ZERO).unwrap();
+}
