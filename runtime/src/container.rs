@@ -250,23 +250,24 @@ pub fn state(paths: &Paths, id: &str) -> Result<State> {
             },
             // Stopped but the shim has not written its record yet (or was killed).
             ContainerStatus::Stopped => State::Exited(
-                wait_exit_info(paths, id, Duration::from_secs(2)).unwrap_or(ExitInfo {
-                    exit_code: 255,
-                    signal: None,
-                    oom_killed: false,
-                    finished_at: now(),
-                }),
+                wait_exit_info(paths, id, Duration::from_secs(2)).unwrap_or_else(lost_exit),
             ),
         }),
         // No libcontainer state and no exit record: the machine rebooted or the shim died
         // before it could write; the process is gone.
-        Err(Error::NotFound(_)) => Ok(State::Exited(ExitInfo {
-            exit_code: 255,
-            signal: None,
-            oom_killed: false,
-            finished_at: now(),
-        })),
+        Err(Error::NotFound(_)) => Ok(State::Exited(lost_exit())),
         Err(e) => Err(e),
+    }
+}
+
+/// What is reported for a process whose end nobody recorded: exit code 255, as the CRI runtimes
+/// report a container lost across a reboot.
+fn lost_exit() -> ExitInfo {
+    ExitInfo {
+        exit_code: 255,
+        signal: None,
+        oom_killed: false,
+        finished_at: now(),
     }
 }
 
@@ -300,12 +301,7 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
     }
     let mut c = match load(paths, id) {
         Ok(c) => c,
-        Err(Error::NotFound(_)) => {
-            return state(paths, id).map(|s| match s {
-                State::Exited(e) => e,
-                _ => unreachable!("no libcontainer state means exited"),
-            })
-        }
+        Err(Error::NotFound(_)) => return Ok(exit_info(paths, id).unwrap_or_else(lost_exit)),
         Err(e) => return Err(e),
     };
     if c.status() == ContainerStatus::Created {
