@@ -245,24 +245,12 @@ impl ImageStore {
             .iter()
             .filter_map(|d| digest_hex(d).ok().map(str::to_string))
             .collect();
-        let bdir = self.root.join("blobs/sha256");
-        for e in fs::read_dir(&bdir).map_err(Error::io(&bdir))? {
-            let e = e.map_err(Error::io(&bdir))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !keep_blob.contains(&name) {
-                debug!(blob = %name, "gc blob");
-                fs::remove_file(e.path()).map_err(Error::io(e.path()))?;
-            }
-        }
-        let sdir = self.root.join("snapshots");
-        for e in fs::read_dir(&sdir).map_err(Error::io(&sdir))? {
-            let e = e.map_err(Error::io(&sdir))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if !keep_snap.contains(&name) {
-                debug!(snapshot = %name, "gc snapshot");
-                fs::remove_dir_all(e.path()).map_err(Error::io(e.path()))?;
-            }
-        }
+        sweep(&self.root.join("blobs/sha256"), &keep_blob, "blob", |p| {
+            fs::remove_file(p)
+        })?;
+        sweep(&self.root.join("snapshots"), &keep_snap, "snapshot", |p| {
+            fs::remove_dir_all(p)
+        })?;
         // Under the exclusive lock no pull is running, so anything in tmp/ is a leftover, and
         // so are per-layer lock files of failed unpacks.
         let ldir = self.root.join("locks");
@@ -494,4 +482,22 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// Removes the entries of `dir` whose names are not in `keep`.
+fn sweep(
+    dir: &Path,
+    keep: &HashSet<String>,
+    what: &str,
+    remove: impl Fn(&Path) -> std::io::Result<()>,
+) -> Result<()> {
+    for e in fs::read_dir(dir).map_err(Error::io(dir))? {
+        let e = e.map_err(Error::io(dir))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name) {
+            debug!(%name, what, "gc");
+            remove(&e.path()).map_err(Error::io(e.path()))?;
+        }
+    }
+    Ok(())
 }
