@@ -20,13 +20,7 @@ pub(super) struct Addressing {
 }
 
 pub(super) async fn add(ctx: &Ctx) -> Result<CniResult, CniError> {
-    let netns = ns::open(&ctx.env.netns).map_err(|e| {
-        CniError::new(
-            code::INVALID_ENV,
-            format!("cannot open CNI_NETNS {:?}", ctx.env.netns),
-        )
-        .with_details(e)
-    })?;
+    let netns = ctx.open_netns()?;
     // The pod-side netlink socket is opened by a thread of its own; start it before IPAM.
     let pod_conn = netns
         .try_clone()

@@ -57,13 +57,7 @@ pub(super) async fn check(ctx: &Ctx) -> Result<(), CniError> {
         )));
     }
 
-    let netns = ns::open(&ctx.env.netns).map_err(|e| {
-        CniError::new(
-            code::INVALID_ENV,
-            format!("cannot open CNI_NETNS {:?}", ctx.env.netns),
-        )
-        .with_details(e)
-    })?;
+    let netns = ctx.open_netns()?;
     let (conn, h, _) = rtnetlink::new_connection()
         .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;
     tokio::spawn(conn);

@@ -157,6 +157,17 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// Opens CNI_NETNS; a path that cannot be opened is the caller's error (code 4).
+    pub fn open_netns(&self) -> Result<std::fs::File, CniError> {
+        crate::ns::open(&self.env.netns).map_err(|e| {
+            CniError::new(
+                code::INVALID_ENV,
+                format!("cannot open CNI_NETNS {:?}", self.env.netns),
+            )
+            .with_details(e)
+        })
+    }
+
     /// The host end's name: stable per attachment, so DEL and GC find it without the netns.
     pub fn host_veth(&self) -> String {
         host_veth_name(&self.env.container_id, &self.env.ifname)
