@@ -30,8 +30,14 @@ fn owner_alive(reg: &Registry, ns: Option<&str>, r: &Value) -> bool {
         .is_ok_and(|o| meta_str(&o, "uid") == uid)
 }
 
-/// Deletes or trims the dependents of `gone_uid` (whose object lived in `ns`, if namespaced).
-pub fn collect(reg: &Registry, ns: Option<&str>, gone_uid: &str) {
+/// Objects (in `ns`, or anywhere for a cluster-scoped owner) with an ownerReference to
+/// `owner_uid`, each with its ownerReferences.
+fn dependents(
+    reg: &Registry,
+    ns: Option<&str>,
+    owner_uid: &str,
+) -> Vec<(&'static resources::ResourceType, Value, Vec<Value>)> {
+    let mut found = Vec::new();
     for rt in TYPES.iter().filter(|t| t.namespaced || ns.is_none()) {
         let scope = if rt.namespaced { ns } else { None };
         let Ok(Listed { items, .. }) = reg.list(rt, scope, &ListOptions::default()) else {
@@ -43,33 +49,39 @@ pub fn collect(reg: &Registry, ns: Option<&str>, gone_uid: &str) {
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            if !refs.iter().any(|r| r["uid"] == gone_uid) {
-                continue;
+            if refs.iter().any(|r| r["uid"] == owner_uid) {
+                found.push((rt, obj, refs));
             }
-            let name = meta_str(&obj, "name").to_string();
-            let obj_ns = meta_str(&obj, "namespace").to_string();
-            let obj_ns = (!obj_ns.is_empty()).then_some(obj_ns);
-            let others: Vec<Value> = refs
-                .iter()
-                .filter(|r| r["uid"] != gone_uid)
-                .cloned()
-                .collect();
-            if others
-                .iter()
-                .any(|r| owner_alive(reg, obj_ns.as_deref(), r))
-            {
-                let mut o = obj.clone();
-                o["metadata"]["ownerReferences"] = json!(others);
-                if let Err(e) = reg.update(rt, obj_ns.as_deref(), &name, o, false, Write::NONE) {
-                    debug!(name, "gc trim: {e}");
-                }
-            } else {
-                debug!(kind = rt.kind, name, "gc: owner gone, deleting");
-                if let Err(e) = reg.delete(rt, obj_ns.as_deref(), &name, &DeleteOptions::default())
-                {
-                    if e.code != 404 {
-                        warn!(name, "gc delete: {e}");
-                    }
+        }
+    }
+    found
+}
+
+/// Deletes or trims the dependents of `gone_uid` (whose object lived in `ns`, if namespaced).
+pub fn collect(reg: &Registry, ns: Option<&str>, gone_uid: &str) {
+    for (rt, obj, refs) in dependents(reg, ns, gone_uid) {
+        let name = meta_str(&obj, "name").to_string();
+        let obj_ns = meta_str(&obj, "namespace").to_string();
+        let obj_ns = (!obj_ns.is_empty()).then_some(obj_ns);
+        let others: Vec<Value> = refs
+            .iter()
+            .filter(|r| r["uid"] != gone_uid)
+            .cloned()
+            .collect();
+        if others
+            .iter()
+            .any(|r| owner_alive(reg, obj_ns.as_deref(), r))
+        {
+            let mut o = obj.clone();
+            o["metadata"]["ownerReferences"] = json!(others);
+            if let Err(e) = reg.update(rt, obj_ns.as_deref(), &name, o, false, Write::NONE) {
+                debug!(name, "gc trim: {e}");
+            }
+        } else {
+            debug!(kind = rt.kind, name, "gc: owner gone, deleting");
+            if let Err(e) = reg.delete(rt, obj_ns.as_deref(), &name, &DeleteOptions::default()) {
+                if e.code != 404 {
+                    warn!(name, "gc delete: {e}");
                 }
             }
         }
@@ -78,35 +90,21 @@ pub fn collect(reg: &Registry, ns: Option<&str>, gone_uid: &str) {
 
 /// Removes references to `owner_uid` from its dependents, which then stay (Orphan).
 pub fn orphan(reg: &Registry, ns: Option<&str>, owner_uid: &str) {
-    for rt in TYPES.iter().filter(|t| t.namespaced || ns.is_none()) {
-        let scope = if rt.namespaced { ns } else { None };
-        let Ok(Listed { items, .. }) = reg.list(rt, scope, &ListOptions::default()) else {
-            continue;
+    for (rt, obj, refs) in dependents(reg, ns, owner_uid) {
+        let kept: Vec<Value> = refs.into_iter().filter(|r| r["uid"] != owner_uid).collect();
+        let mut o = obj.clone();
+        o["metadata"]["ownerReferences"] = if kept.is_empty() {
+            Value::Null
+        } else {
+            json!(kept)
         };
-        for obj in items {
-            let refs: Vec<Value> = obj
-                .pointer("/metadata/ownerReferences")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            if !refs.iter().any(|r| r["uid"] == owner_uid) {
-                continue;
-            }
-            let kept: Vec<Value> = refs.into_iter().filter(|r| r["uid"] != owner_uid).collect();
-            let mut o = obj.clone();
-            o["metadata"]["ownerReferences"] = if kept.is_empty() {
-                Value::Null
-            } else {
-                json!(kept)
-            };
-            let (name, ons) = (
-                meta_str(&obj, "name").to_string(),
-                meta_str(&obj, "namespace").to_string(),
-            );
-            let ons = (!ons.is_empty()).then_some(ons);
-            if let Err(e) = reg.update(rt, ons.as_deref(), &name, o, false, Write::NONE) {
-                warn!(name, "orphaning: {e}");
-            }
+        let (name, ons) = (
+            meta_str(&obj, "name").to_string(),
+            meta_str(&obj, "namespace").to_string(),
+        );
+        let ons = (!ons.is_empty()).then_some(ons);
+        if let Err(e) = reg.update(rt, ons.as_deref(), &name, o, false, Write::NONE) {
+            warn!(name, "orphaning: {e}");
         }
     }
 }
