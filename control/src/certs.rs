@@ -29,6 +29,12 @@ pub enum CertError {
 
 pub type Result<T, E = CertError> = std::result::Result<T, E>;
 
+/// The group of every node's client certificate; with a `system:node:<name>` user it makes the
+/// identity a node (see `crate::authz`).
+pub const NODES_GROUP: &str = "system:nodes";
+/// Node users are `system:node:<node name>`.
+pub const NODE_USER_PREFIX: &str = "system:node:";
+
 /// PEM files in `<data_dir>/pki`.
 #[derive(Debug, Clone)]
 pub struct Pki {
@@ -144,6 +150,12 @@ impl Pki {
         p.distinguished_name.push(DnType::CommonName, cn);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(name, p)
+    }
+
+    /// Issues the client certificate of node `node` as `<name>.crt`/`<name>.key`: user
+    /// `system:node:<node>` in group `system:nodes`, the identity the node authorizer expects.
+    pub fn issue_node(&self, name: &str, node: &str) -> Result<()> {
+        self.issue_client(name, &format!("{NODE_USER_PREFIX}{node}"), &[NODES_GROUP])
     }
 
     fn issue(&self, name: &str, mut p: CertificateParams) -> Result<()> {

@@ -173,6 +173,13 @@ impl FieldSelector {
             .map(|(_, _, v)| v.as_str())
     }
 
+    /// Whether the selector requires `field` to equal `value` (so it matches nothing else).
+    pub fn requires(&self, field: &str, value: &str) -> bool {
+        self.0
+            .iter()
+            .any(|(k, eq, v)| k == field && *eq && v == value)
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(path, eq, want)| {
             let mut cur = obj;
@@ -226,5 +233,9 @@ mod tests {
                 .pinned_name(),
             Some("x")
         );
+        let s = FieldSelector::parse("spec.nodeName==n1,status.phase!=Failed").unwrap();
+        assert!(s.requires("spec.nodeName", "n1"));
+        assert!(!s.requires("spec.nodeName", "n2"));
+        assert!(!s.requires("status.phase", "Failed"));
     }
 }

@@ -167,6 +167,32 @@ impl ApiError {
         }
     }
 
+    /// 403 Forbidden as kube-apiserver words it: `<resource>[.<group>] ["<name>"] is forbidden:
+    /// <why>`, with the group, the resource (as `kind`) and the name in the details.
+    pub fn forbidden(group: &str, resource: &str, name: &str, why: &str) -> ApiError {
+        let qualified = if group.is_empty() {
+            resource.to_string()
+        } else {
+            format!("{resource}.{group}")
+        };
+        let message = if name.is_empty() {
+            format!("{qualified} is forbidden: {why}")
+        } else {
+            format!("{qualified} \"{name}\" is forbidden: {why}")
+        };
+        let mut d = json!({"kind": resource});
+        if !name.is_empty() {
+            d["name"] = json!(name);
+        }
+        if !group.is_empty() {
+            d["group"] = json!(group);
+        }
+        ApiError {
+            details: Some(d),
+            ..ApiError::new(403, "Forbidden", message)
+        }
+    }
+
     pub fn gone(message: impl Into<String>) -> ApiError {
         ApiError::new(410, "Expired", message)
     }
