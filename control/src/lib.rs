@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 pub mod apply;
 pub mod auth;
+pub mod authz;
 pub mod certs;
 pub mod defaults;
 pub mod discovery;

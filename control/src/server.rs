@@ -21,7 +21,7 @@ use crate::registry::Registry;
 use crate::rest::{self, Call};
 use crate::status::ApiError;
 use crate::store::Store;
-use crate::{discovery, openapi, resources, watch, Error};
+use crate::{authz, discovery, openapi, resources, watch, Error};
 
 /// How `oxlet up` runs the control plane.
 #[derive(Debug, Clone)]
@@ -109,7 +109,7 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
     let pki = Pki::new(&cfg.data_dir);
     pki.ensure(&sans)?;
     if !pki.dir.join("node.crt").exists() {
-        pki.issue_client("node", &format!("system:node:{host}"), &["system:nodes"])?;
+        pki.issue_node("node", &host)?;
     }
     crate::namespaces::bootstrap(&reg).await?;
     let ca_pem = pki.ca_pem()?;
@@ -125,7 +125,7 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
     pki.write_kubeconfig("admin", "admin", &server_url, &cfg.kubeconfig)?;
     pki.write_kubeconfig(
         "node",
-        &format!("system:node:{host}"),
+        &format!("{}{host}", certs::NODE_USER_PREFIX),
         &server_url,
         &cfg.data_dir.join("node.kubeconfig"),
     )?;
@@ -333,11 +333,15 @@ async fn dispatch(
                 "selfsubjectreviews" => {
                     crate::auth::self_subject_review(id, "authentication.k8s.io/v1")
                 }
-                _ => crate::auth::self_subject_access_review(&body),
+                _ => crate::auth::self_subject_access_review(&state.reg, id, &body),
             };
             return Ok(http::json_response(201, &out));
         }
     }
+    // Everything below is a resource request: authenticated, then authorized.
+    let Some(id) = id else {
+        return Err(ApiError::unauthorized());
+    };
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] => ("", *v, rest),
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
@@ -383,12 +387,16 @@ async fn dispatch(
         accept,
         content_type,
     };
+    // Before the body is read: a refused write stores nothing.
+    let attrs = authz::Attributes::of_call(&call);
+    authz::check(&state.reg, id, &attrs)?;
     if rt.kind == "Pod" && matches!(sub, Some("log" | "exec" | "attach" | "portforward")) {
         return crate::kubelet::proxy(&state.reg, state.kubelet_tls.clone(), call, req).await;
     }
     if rt.kind == "ServiceAccount" && sub == Some("token") && call.method == Method::POST {
         let body = http::read_body(req.into_body()).await?;
         let tr = http::parse_object(&call.content_type, &body)?;
+        authz::check_object(&state.reg, id, &attrs, &tr)?;
         let (ns, name) = (
             call.ns.as_deref().unwrap_or(""),
             call.name.as_deref().unwrap_or(""),
@@ -400,6 +408,10 @@ async fn dispatch(
         return watch::watch(&state.reg, call);
     }
     let body = http::read_body(req.into_body()).await?;
+    if authz::needs_object(id, &attrs) {
+        let obj = http::parse_object(&call.content_type, &body)?;
+        authz::check_object(&state.reg, id, &attrs, &obj)?;
+    }
     let work = rest::handle(&state.reg, call, &body);
     // Writes wait for SQLite's fsync; on a multi-threaded runtime, let the other workers carry
     // on with watches and reads meanwhile.
