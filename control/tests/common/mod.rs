@@ -43,6 +43,23 @@ impl TestServer {
     pub fn addr(&self) -> std::net::SocketAddr {
         self.server.as_ref().expect("running").addr
     }
+
+    /// A kubeconfig for node `node` (user `system:node:<node>`, group `system:nodes`), with a
+    /// client certificate issued by the server's CA.
+    pub fn node_kubeconfig(&self, node: &str) -> Result<PathBuf> {
+        let pki = control::certs::Pki::new(&self.dir.path().join("data"));
+        let file = format!("node-{node}");
+        pki.issue_node(&file, node)?;
+        let to = self.dir.path().join(format!("{file}.kubeconfig"));
+        let server = format!("https://127.0.0.1:{}", self.addr().port());
+        pki.write_kubeconfig(&file, &format!("system:node:{node}"), &server, &to)?;
+        Ok(to)
+    }
+
+    /// A kube-rs client authenticated as node `node`.
+    pub async fn node_client(&self, node: &str) -> Result<kube::Client> {
+        client_for(&self.node_kubeconfig(node)?).await
+    }
 }
 
 impl Drop for TestServer {
