@@ -282,6 +282,15 @@ fn remove_tree(dir: &Path) -> Result<()> {
             remove_tree(&entry.path())?;
         }
     }
+    // Processes left in the cgroup (a container without its own pid namespace) would keep it.
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
     // A cgroup whose last task just exited can be busy for a moment.
     for attempt in 0..50 {
         match std::fs::remove_dir(dir) {

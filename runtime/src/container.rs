@@ -35,6 +35,12 @@ pub enum Error {
     },
     #[error("container {id}: shim: {message}")]
     Shim { id: String, message: String },
+    #[error("container {id}: {source}")]
+    Cgroup {
+        id: String,
+        #[source]
+        source: crate::cgroup::Error,
+    },
     #[error("container {id}: {what}: {source}")]
     Io {
         id: String,
@@ -331,11 +337,48 @@ pub fn delete(paths: &Paths, id: &str) -> Result<()> {
             stop(paths, id, Duration::ZERO)?;
         }
         let mut c = Container::load(root.clone()).map_err(lc_err(id))?;
-        c.delete(true).map_err(lc_err(id))?;
+        if !delete_stopped(&mut c, id)? {
+            c.delete(true).map_err(lc_err(id))?;
+        }
     }
     match std::fs::remove_dir_all(&root) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(id, "remove state")(e)),
+    }
+}
+
+/// Deletes a stopped container that has no poststop hooks and no Intel RDT group by removing
+/// its cgroup and state directory; false leaves the rest to libcontainer's delete. libcontainer's
+/// v1 cgroup manager re-reads mountinfo and /proc/self/cgroup through pathrs for each of its
+/// twelve controllers (about 600 syscalls, a fifth of `oxlet run`); one mounts read does here.
+fn delete_stopped(c: &mut Container, id: &str) -> Result<bool> {
+    c.refresh_status().map_err(lc_err(id))?;
+    if c.status() != ContainerStatus::Stopped || c.intel_rdt_dir().is_some() {
+        return Ok(false);
+    }
+    let Ok(config) = libcontainer::config::YoukiConfig::load(&c.root) else {
+        return Ok(false);
+    };
+    let has_poststop = config
+        .hooks
+        .as_ref()
+        .and_then(|h| h.poststop().as_ref())
+        .is_some_and(|hooks| !hooks.is_empty());
+    if has_poststop {
+        return Ok(false);
+    }
+    // libcgroups joins the path below each hierarchy's root, leading slash or not.
+    let cgroup = config.cgroup_path.to_string_lossy();
+    crate::cgroup::remove_cgroup(cgroup.trim_start_matches('/')).map_err(|source| {
+        Error::Cgroup {
+            id: id.into(),
+            source,
+        }
+    })?;
+    match std::fs::remove_dir_all(&c.root) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(io_err(id, "remove state")(e)),
     }
 }
@@ -451,7 +494,11 @@ pub fn run_foreground(
             source,
         })
     })();
-    let deleted = c.delete(true).map_err(lc_err(id));
+    let deleted = match delete_stopped(&mut c, id) {
+        Ok(true) => Ok(()),
+        Ok(false) => c.delete(true).map_err(lc_err(id)),
+        Err(e) => Err(e),
+    };
     let code = result?;
     deleted?;
     Ok(code.0)

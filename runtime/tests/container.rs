@@ -35,6 +35,10 @@ fn create_start_log_exit_and_delete() {
     assert!(cgroup_dir.exists(), "container cgroup lives until delete");
     container::delete(&env.paths, &b.id).unwrap();
     assert!(!cgroup_dir.exists(), "delete removes the cgroup");
+    for root in runtime::cgroup::controller_roots() {
+        let dir = root.join(&b.cgroup);
+        assert!(!dir.exists(), "delete leaves {}", dir.display());
+    }
     assert!(!env.paths.state_root.join(&b.id).exists());
     container::delete(&env.paths, &b.id).unwrap();
 }
