@@ -25,6 +25,10 @@ pub enum CertError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
     #[error("{0}: no PEM item found")]
     Pem(PathBuf),
+    #[error("no CA under {0}: run `oxlet up` on this machine first")]
+    NoCa(PathBuf),
+    #[error("invalid node name {name:?}: {message}")]
+    NodeName { name: String, message: &'static str },
 }
 
 pub type Result<T, E = CertError> = std::result::Result<T, E>;
@@ -207,6 +211,24 @@ current-context: {user}@oxlet
 
     pub fn write_kubeconfig(&self, name: &str, user: &str, server: &str, to: &Path) -> Result<()> {
         write(to, &self.kubeconfig(name, user, server)?, 0o600)
+    }
+
+    /// Writes to `to` a kubeconfig for the agent of node `node` on another machine: a client
+    /// certificate `system:node:<node>` in `system:nodes` from this CA, and `server` as the URL.
+    /// Issuing again replaces the node's certificate (the old one stays valid until it expires).
+    pub fn write_node_kubeconfig(&self, node: &str, server: &str, to: &Path) -> Result<()> {
+        if let Some(message) = crate::validate::dns_subdomain(node) {
+            return Err(CertError::NodeName {
+                name: node.into(),
+                message,
+            });
+        }
+        if !self.path("ca.key").exists() {
+            return Err(CertError::NoCa(self.dir.clone()));
+        }
+        let file = format!("node-{node}");
+        self.issue_node(&file, node)?;
+        self.write_kubeconfig(&file, &format!("{NODE_USER_PREFIX}{node}"), server, to)
     }
 
     /// TLS settings for the API server: our serving certificate; client certificates signed by

@@ -680,3 +680,22 @@ async fn kubectl_can_i_answers_for_a_node() -> Result<()> {
     assert_eq!(common::ok(out).trim(), "yes");
     Ok(())
 }
+
+#[tokio::test]
+async fn node_kubeconfig_needs_a_ca_and_a_valid_name() -> Result<()> {
+    let empty = tempfile::tempdir()?;
+    let err = control::certs::Pki::new(empty.path())
+        .write_node_kubeconfig("n1", "https://127.0.0.1:6443", &empty.path().join("kc"))
+        .unwrap_err();
+    assert!(err.to_string().contains("run `oxlet up`"), "{err}");
+    assert!(!empty.path().join("kc").exists());
+    let ts = TestServer::start().await?;
+    let pki = control::certs::Pki::new(&ts.dir.path().join("data"));
+    let to = ts.dir.path().join("bad.kubeconfig");
+    let err = pki
+        .write_node_kubeconfig("Node_1", "https://127.0.0.1:6443", &to)
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid node name"), "{err}");
+    assert!(!to.exists());
+    Ok(())
+}

@@ -41,6 +41,18 @@ enum Command {
     },
     /// Run one container from an image (or an OCI bundle) and exit with its exit code.
     Run(run_cmd::RunArgs),
+    /// Write a kubeconfig for the agent of another machine: a client certificate for node NAME
+    /// (user system:node:NAME, group system:nodes) from this control plane's CA.
+    NodeKubeconfig {
+        /// The node's name, as it will register (a DNS subdomain).
+        name: String,
+        /// API server URL as the node reaches it, e.g. https://192.168.56.10:6443.
+        #[arg(long)]
+        server: String,
+        /// Where to write the kubeconfig (mode 0600).
+        #[arg(long, short)]
+        output: std::path::PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -59,6 +71,16 @@ fn main() -> Result<()> {
             cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], port));
             cfg.kubeconfig = kubeconfig;
             Ok(control::up(cfg)?)
+        }
+        Command::NodeKubeconfig {
+            name,
+            server,
+            output,
+        } => {
+            control::certs::Pki::new(&cli.data_dir)
+                .write_node_kubeconfig(&name, &server, &output)?;
+            eprintln!("wrote {} for node {name}", output.display());
+            Ok(())
         }
         Command::Run(args) => {
             let code = run_cmd::run(&cli.data_dir, args)?;

@@ -48,11 +48,9 @@ impl TestServer {
     /// client certificate issued by the server's CA.
     pub fn node_kubeconfig(&self, node: &str) -> Result<PathBuf> {
         let pki = control::certs::Pki::new(&self.dir.path().join("data"));
-        let file = format!("node-{node}");
-        pki.issue_node(&file, node)?;
-        let to = self.dir.path().join(format!("{file}.kubeconfig"));
+        let to = self.dir.path().join(format!("node-{node}.kubeconfig"));
         let server = format!("https://127.0.0.1:{}", self.addr().port());
-        pki.write_kubeconfig(&file, &format!("system:node:{node}"), &server, &to)?;
+        pki.write_node_kubeconfig(node, &server, &to)?;
         Ok(to)
     }
 
