@@ -125,11 +125,17 @@ impl Pki {
             write(&self.path("ca.key"), &key.serialize_pem(), 0o600)?;
             write(&self.path("ca.crt"), &cert.pem(), 0o644)?;
         }
-        if !self.path("apiserver.crt").exists() {
-            let mut p = CertificateParams::new(sans.to_vec())?;
+        // Re-issued when the names change (a new address): nodes verify the server by them.
+        let mut wanted = sans.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        let recorded = fs::read_to_string(self.path("apiserver.sans")).unwrap_or_default();
+        if !self.path("apiserver.crt").exists() || recorded != wanted.join("\n") {
+            let mut p = CertificateParams::new(wanted.clone())?;
             p.distinguished_name = dn("kube-apiserver", None);
             p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             self.issue("apiserver", p)?;
+            write(&self.path("apiserver.sans"), &wanted.join("\n"), 0o644)?;
         }
         if !self.path("admin.crt").exists() {
             self.issue_client("admin", "kubernetes-admin", &["system:masters"])?;
@@ -365,6 +371,30 @@ pub fn identity(cert_der: &[u8]) -> Option<Identity> {
     Some(Identity { user, groups })
 }
 
+/// This machine's interface addresses, without loopback and IPv6 link-local ones: the names
+/// other machines' nodes reach the API server by when it listens on every address.
+pub fn host_addresses() -> Vec<String> {
+    use std::net::IpAddr;
+    let Ok(ifaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = ifaces
+        .filter_map(|i| {
+            let a = i.address?;
+            let ip = match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                (Some(v4), _) => IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
+            let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+            (!ip.is_loopback() && !link_local).then(|| ip.to_string())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,7 +406,10 @@ mod tests {
         pki.ensure(&["127.0.0.1".into(), "localhost".into()])
             .unwrap();
         let ca = pki.ca_pem().unwrap();
-        pki.ensure(&[]).unwrap();
+        let serving = read(&pki.path("apiserver.crt")).unwrap();
+        pki.ensure(&["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        assert_eq!(serving, read(&pki.path("apiserver.crt")).unwrap());
         assert_eq!(ca, pki.ca_pem().unwrap(), "second start reuses the CA");
         pki.server_config().unwrap();
         let der = pem_certs(&pki.path("admin.crt")).unwrap().remove(0);
@@ -387,5 +420,49 @@ mod tests {
             .kubeconfig("admin", "admin", "https://127.0.0.1:6443")
             .unwrap();
         assert!(kc.contains("client-key-data"));
+    }
+
+    fn serving_names(pki: &Pki) -> Vec<String> {
+        let der = pem_certs(&pki.path("apiserver.crt")).unwrap().remove(0);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+                x509_parser::extensions::GeneralName::IPAddress(b) if b.len() == 4 => {
+                    std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()
+                }
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn serving_certificate_follows_new_addresses() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(dir.path());
+        pki.ensure(&["localhost".into()]).unwrap();
+        let ca = pki.ca_pem().unwrap();
+        assert!(!serving_names(&pki).contains(&"192.0.2.7".to_string()));
+        pki.ensure(&["localhost".into(), "192.0.2.7".into()])
+            .unwrap();
+        let names = serving_names(&pki);
+        assert!(names.contains(&"192.0.2.7".to_string()), "{names:?}");
+        assert!(names.contains(&"localhost".to_string()), "{names:?}");
+        assert_eq!(ca, pki.ca_pem().unwrap(), "the CA stays");
+    }
+
+    #[test]
+    fn host_addresses_leave_out_loopback() {
+        let addrs = host_addresses();
+        assert!(
+            !addrs.iter().any(|a| a == "127.0.0.1" || a == "::1"),
+            "{addrs:?}"
+        );
+        for a in &addrs {
+            a.parse::<std::net::IpAddr>().unwrap();
+        }
     }
 }

@@ -103,7 +103,10 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
     .map(|s| s.to_string())
     .collect();
     sans.push(host.clone());
-    if !addr.ip().is_unspecified() && !sans.contains(&addr.ip().to_string()) {
+    if addr.ip().is_unspecified() {
+        // Nodes on other machines reach the server by one of this machine's addresses.
+        sans.extend(certs::host_addresses());
+    } else {
         sans.push(addr.ip().to_string());
     }
     let pki = Pki::new(&cfg.data_dir);
