@@ -259,13 +259,26 @@ async fn node_reads_only_what_its_pods_need() -> Result<()> {
     );
     forbidden(
         secrets1.list(&ListParams::default()).await,
-        &msg(
-            "n1",
-            "",
-            "list",
-            "secrets",
-            "can only get individual resources of this type",
-        ),
+        &msg("n1", "", "list", "secrets", "No Object name found"),
+    );
+    // The kubelet's watch-based secret manager: a list and watch pinned to one referenced name.
+    let pinned = ListParams::default().fields(&format!("metadata.name={tls}"));
+    let listed = secrets1.list(&pinned).await?;
+    assert_eq!(listed.items.len(), 1);
+    let mut events = secrets1
+        .watch(
+            &WatchParams::default().fields(&format!("metadata.name={tls}")),
+            "0",
+        )
+        .await?
+        .boxed();
+    match events.try_next().await? {
+        Some(WatchEvent::Added(s)) => assert_eq!(s.metadata.name.as_deref(), Some(tls.as_str())),
+        other => panic!("expected the pinned secret, got {other:?}"),
+    }
+    forbidden(
+        secrets2.list(&pinned).await,
+        &msg("n2", &tls, "list", "secrets", &no_relationship("n2")),
     );
     let settings = format!("{p}-settings");
     Api::<ConfigMap>::namespaced(n1.clone(), "default")

@@ -158,19 +158,16 @@ fn referenced(reg: &Registry, node: &str, ns: &str, kind: Kind, name: &str) -> b
     })
 }
 
-/// Secrets and config maps: `get` of one referenced by a pod on the node.
+/// Secrets and config maps: `get`, or `list`/`watch` pinned by `metadata.name=` (the kubelet's
+/// watch-based secret and config map managers), of one referenced by a pod on the node.
 fn read_referenced(reg: &Registry, node: &str, a: &Attributes) -> Decision {
     let kind = if a.resource == "secrets" {
         Kind::Secret
     } else {
         Kind::ConfigMap
     };
-    match a.verb {
-        Verb::Get => {}
-        Verb::List | Verb::Watch => {
-            return Decision::deny("can only get individual resources of this type")
-        }
-        _ => return Decision::deny("can only read resources of this type"),
+    if !matches!(a.verb, Verb::Get | Verb::List | Verb::Watch) {
+        return Decision::deny("can only read resources of this type");
     }
     if !a.subresource.is_empty() {
         return Decision::deny("cannot read subresource");
@@ -388,6 +385,9 @@ mod tests {
             Decision::deny("No Object name found")
         );
         assert_ne!(d("list", "secrets", "default", ""), ok);
+        // list/watch pinned to one name (`metadata.name=`) carry that name.
+        assert_eq!(d("watch", "secrets", "default", "tls"), ok);
+        assert_eq!(d("list", "configmaps", "default", "other"), none());
         assert_ne!(d("update", "secrets", "default", "tls"), ok);
         assert_eq!(d("get", "configmaps", "default", "settings"), ok);
         assert_eq!(d("get", "serviceaccounts", "default", "runner"), ok);
