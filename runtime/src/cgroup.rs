@@ -333,13 +333,19 @@ pub fn controller_dir(controller: &str, path: &str) -> PathBuf {
     if is_v2() {
         return Path::new("/sys/fs/cgroup").join(path);
     }
-    controller_roots()
-        .into_iter()
+    v1_dir(&controller_roots(), controller, path)
+}
+
+/// The directory of `path` for v1 `controller` among the hierarchy `roots`.
+fn v1_dir(roots: &[PathBuf], controller: &str, path: &str) -> PathBuf {
+    roots
+        .iter()
         .find(|r| {
             r.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.split(',').any(|c| c == controller))
         })
+        .cloned()
         .unwrap_or_else(|| Path::new("/sys/fs/cgroup").join(controller))
         .join(path)
 }
@@ -379,11 +385,12 @@ pub fn usage(path: &str) -> Usage {
             oom_kills: oom,
         }
     } else {
-        let cpu = read(controller_dir("cpuacct", path).join("cpuacct.usage"))
+        let roots = controller_roots();
+        let cpu = read(v1_dir(&roots, "cpuacct", path).join("cpuacct.usage"))
             .trim()
             .parse()
             .unwrap_or(0);
-        let mem = controller_dir("memory", path);
+        let mem = v1_dir(&roots, "memory", path);
         let current: u64 = read(mem.join("memory.usage_in_bytes"))
             .trim()
             .parse()
