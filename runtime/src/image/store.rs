@@ -200,13 +200,7 @@ impl ImageStore {
     /// Garbage-collects unless a pull, import or mount holds the store right now (then the
     /// next collection catches up). Used after a re-pull moved a tag to new content.
     pub(crate) fn gc_if_idle(&self) -> Result<()> {
-        let p = self.root.join("lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(Error::io(&p))?;
+        let (f, _) = self.lock_file()?;
         if f.try_lock_exclusive().is_err() {
             debug!("store busy; skipping garbage collection");
             return Ok(());
@@ -273,13 +267,7 @@ impl ImageStore {
 
     /// Takes the store lock: shared for pulls/imports/mounts, exclusive for GC. Blocking.
     pub(crate) fn lock(&self, exclusive: bool) -> Result<LockGuard> {
-        let p = self.root.join("lock");
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(Error::io(&p))?;
+        let (f, p) = self.lock_file()?;
         if exclusive {
             f.lock_exclusive()
         } else {
@@ -287,6 +275,18 @@ impl ImageStore {
         }
         .map_err(Error::io(&p))?;
         Ok(LockGuard(f))
+    }
+
+    /// The store's lock file, opened (created on first use), and its path.
+    fn lock_file(&self) -> Result<(fs::File, PathBuf)> {
+        let p = self.root.join("lock");
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(Error::io(&p))?;
+        Ok((f, p))
     }
 
     pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, String> {
