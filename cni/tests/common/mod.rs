@@ -281,26 +281,27 @@ fn enter(netns: Option<&str>) {
 
 /// A TCP echo server (one connection: replies `pong:<what it read>`) in `netns` (None: host).
 pub fn serve_once(netns: Option<&str>, addr: &str) -> JoinHandle<()> {
-    let (tx, rx) = mpsc::channel();
-    let netns = netns.map(String::from);
-    let addr: SocketAddr = addr.parse().unwrap();
-    let h = std::thread::spawn(move || {
-        enter(netns.as_deref());
-        let l = TcpListener::bind(addr).unwrap();
-        tx.send(()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
+    serve(netns, addr, |mut s, _| {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = String::new();
         let _ = s.read_to_string(&mut buf);
         let _ = s.write_all(format!("pong:{buf}").as_bytes());
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("server listening");
-    h
+    })
 }
 
 /// A TCP server (one connection) in `netns` that replies with the peer's address.
 pub fn serve_peer(netns: Option<&str>, addr: &str) -> JoinHandle<()> {
+    serve(netns, addr, |mut s, peer| {
+        let _ = s.write_all(peer.ip().to_string().as_bytes());
+    })
+}
+
+/// Listens on `addr` in `netns` (None: host) and hands the first connection to `reply`;
+/// returns once the listener is bound.
+fn serve<F>(netns: Option<&str>, addr: &str, reply: F) -> JoinHandle<()>
+where
+    F: FnOnce(std::net::TcpStream, SocketAddr) + Send + 'static,
+{
     let (tx, rx) = mpsc::channel();
     let netns = netns.map(String::from);
     let addr: SocketAddr = addr.parse().unwrap();
@@ -308,8 +309,8 @@ pub fn serve_peer(netns: Option<&str>, addr: &str) -> JoinHandle<()> {
         enter(netns.as_deref());
         let l = TcpListener::bind(addr).unwrap();
         tx.send(()).unwrap();
-        let (mut s, peer) = l.accept().unwrap();
-        let _ = s.write_all(peer.ip().to_string().as_bytes());
+        let (s, peer) = l.accept().unwrap();
+        reply(s, peer);
     });
     rx.recv_timeout(Duration::from_secs(5))
         .expect("server listening");
