@@ -355,6 +355,16 @@ pub struct Identity {
     pub groups: Vec<String>,
 }
 
+impl Identity {
+    /// A control-plane component's identity (`system:kube-scheduler`, ...).
+    pub fn component(user: &str) -> Identity {
+        Identity {
+            user: user.to_string(),
+            groups: vec!["system:authenticated".into()],
+        }
+    }
+}
+
 pub fn identity(cert_der: &[u8]) -> Option<Identity> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
     let subject = cert.subject();

@@ -136,7 +136,11 @@ pub fn wants_table(accept: &[MediaType]) -> bool {
     false
 }
 
-pub async fn read_body(body: hyper::body::Incoming) -> ApiResult<Bytes> {
+pub async fn read_body<B>(body: B) -> ApiResult<Bytes>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     let limited = http_body_util::Limited::new(body, MAX_BODY);
     match limited.collect().await {
         Ok(c) => Ok(c.to_bytes()),

@@ -294,6 +294,9 @@ impl Registry {
         }
         prepare_create(rt, &mut obj);
         defaults::apply(rt.kind, &mut obj);
+        if rt.kind == "Pod" {
+            defaults::default_toleration_seconds(&mut obj);
+        }
         let mut obj = validate::typed(rt, obj, opts.strict)?;
         let name = meta_str(&obj, "name").to_string();
         let causes = validate::fields(rt, &obj);

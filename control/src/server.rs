@@ -30,6 +30,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the admin kubeconfig is written.
     pub kubeconfig: PathBuf,
+    /// Run the controllers and the scheduler (off: the API server alone).
+    pub controllers: bool,
+    pub controller_cfg: crate::controllers::Config,
 }
 
 impl Config {
@@ -38,7 +41,29 @@ impl Config {
             data_dir: data_dir.into(),
             listen: SocketAddr::from(([0, 0, 0, 0], 6443)),
             kubeconfig: PathBuf::from("/etc/oxlet/admin.kubeconfig"),
+            controllers: true,
+            controller_cfg: crate::controllers::Config::default(),
         }
+    }
+}
+
+/// A request body the server reads: a network connection's, or an in-process client's.
+pub(crate) trait RequestBody:
+    hyper::body::Body<Data = bytes::Bytes, Error: Into<http::BoxError>> + Send + Unpin + 'static
+{
+    /// The network body, for what is proxied with upgrades (exec, attach, port-forward).
+    fn into_incoming(self) -> Option<Incoming>;
+}
+
+impl RequestBody for Incoming {
+    fn into_incoming(self) -> Option<Incoming> {
+        Some(self)
+    }
+}
+
+impl RequestBody for kube::client::Body {
+    fn into_incoming(self) -> Option<Incoming> {
+        None
     }
 }
 
@@ -54,10 +79,17 @@ pub struct Server {
     pub addr: SocketAddr,
     pub kubeconfig: PathBuf,
     pub registry: Registry,
+    state: Arc<State>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Server {
+    /// A client that calls this server in-process (no TCP, no TLS) as `id`: authorization
+    /// applies exactly as to the same identity over the network.
+    pub fn client(&self, id: Identity) -> kube::Client {
+        client(self.state.clone(), id)
+    }
+
     pub fn stop(self) {
         for t in self.tasks {
             t.abort();
@@ -140,15 +172,29 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
         signer: Arc::new(crate::tokens::Signer::load_or_create(&pki.dir)?),
     });
     info!(%addr, kubeconfig = %cfg.kubeconfig.display(), "API server listening");
-    let serve = tokio::spawn(accept_loop(listener, acceptor, state));
+    let serve = tokio::spawn(accept_loop(listener, acceptor, state.clone()));
     let ns = tokio::spawn(crate::namespaces::run(reg.clone(), ca_pem));
     let gc = tokio::spawn(crate::gc::run(reg.clone()));
     let compact = tokio::spawn(compactor(reg.store.clone()));
+    let mut tasks = vec![serve, ns, gc, compact];
+    if cfg.controllers {
+        let cm = client(
+            state.clone(),
+            Identity::component("system:kube-controller-manager"),
+        );
+        tasks.push(tokio::spawn(crate::controllers::run(
+            cm,
+            cfg.controller_cfg.clone(),
+        )));
+        let sched = client(state.clone(), Identity::component("system:kube-scheduler"));
+        tasks.push(tokio::spawn(crate::scheduler::run(sched)));
+    }
     Ok(Server {
         addr,
         kubeconfig: cfg.kubeconfig,
         registry: reg,
-        tasks: vec![serve, ns, gc, compact],
+        state,
+        tasks,
     })
 }
 
@@ -213,12 +259,24 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<St
     }
 }
 
+fn client(state: Arc<State>, id: Identity) -> kube::Client {
+    let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
+        let (state, id) = (state.clone(), id.clone());
+        async move { Ok::<_, Infallible>(route(&state, Some(&id), req).await) }
+    });
+    kube::Client::new(svc, "default")
+}
+
 fn version() -> serde_json::Value {
     json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-oxlet", "gitCommit": "", "gitTreeState": "clean",
         "buildDate": "2026-01-01T00:00:00Z", "goVersion": "", "compiler": "rustc", "platform": "linux/amd64"})
 }
 
-async fn route(state: &State, id: Option<&Identity>, req: Request<Incoming>) -> Response<Body> {
+async fn route<B: RequestBody>(
+    state: &State,
+    id: Option<&Identity>,
+    req: Request<B>,
+) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let resp = match dispatch(state, id, req).await {
@@ -229,10 +287,10 @@ async fn route(state: &State, id: Option<&Identity>, req: Request<Incoming>) -> 
     resp
 }
 
-async fn dispatch(
+async fn dispatch<B: RequestBody>(
     state: &State,
     id: Option<&Identity>,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -394,6 +452,13 @@ async fn dispatch(
     let attrs = authz::Attributes::of_call(&call);
     authz::check(&state.reg, id, &attrs)?;
     if rt.kind == "Pod" && matches!(sub, Some("log" | "exec" | "attach" | "portforward")) {
+        let (parts, body) = req.into_parts();
+        let Some(incoming) = body.into_incoming() else {
+            return Err(ApiError::bad_request(
+                "pods/log, exec, attach and portforward are served over the network only",
+            ));
+        };
+        let req = Request::from_parts(parts, incoming);
         return crate::kubelet::proxy(&state.reg, state.kubelet_tls.clone(), call, req).await;
     }
     if rt.kind == "ServiceAccount" && sub == Some("token") && call.method == Method::POST {

@@ -14,9 +14,20 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// The API server alone.
     pub async fn start() -> Result<TestServer> {
+        Self::start_with(false).await
+    }
+
+    /// The API server with the controllers and the scheduler.
+    pub async fn start_with_controllers() -> Result<TestServer> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(controllers: bool) -> Result<TestServer> {
         let dir = tempfile::tempdir()?;
         let mut cfg = control::Config::new(dir.path().join("data"));
+        cfg.controllers = controllers;
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.kubeconfig = dir.path().join("admin.kubeconfig");
         let server = control::start(cfg).await?;

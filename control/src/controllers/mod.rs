@@ -1,0 +1,216 @@
+//! The controllers of `oxlet up`: each watches through shared informers, works keys off a
+//! deduplicating queue with per-key backoff, and writes only through the Kubernetes API (the
+//! in-process client), as kube-controller-manager does against any API server.
+
+pub mod deployment;
+pub mod endpoints;
+pub mod events;
+pub mod informer;
+pub mod nodeipam;
+pub mod owners;
+pub mod pods;
+pub mod queue;
+pub mod replicaset;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tokio::task::JoinSet;
+
+use informer::Informer;
+use owners::Expectations;
+use queue::Queue;
+
+/// A namespaced object's key: namespace and name.
+pub type Key = (String, String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error(
+        "replica set {0} exists with another template (hash collision); retrying with a new hash"
+    )]
+    Collision(String),
+    #[error("cluster CIDR {0} has no free /{1} left")]
+    CidrFull(String, u8),
+}
+
+/// Settings of the controllers (kube-controller-manager's flags).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `--cluster-cidr`: node pod ranges are cut from it.
+    pub cluster_cidr: (Ipv4Addr, u8),
+    /// `--node-cidr-mask-size`.
+    pub node_cidr_mask: u8,
+    /// Longest retry delay of a failing key.
+    pub max_backoff: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cluster_cidr: (Ipv4Addr::new(10, 244, 0, 0), 16),
+            node_cidr_mask: 24,
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What every controller reads and writes through.
+pub struct Ctx {
+    pub client: Client,
+    pub cfg: Config,
+    pub pods: Informer<Pod>,
+    pub replicasets: Informer<ReplicaSet>,
+    pub deployments: Informer<Deployment>,
+    pub services: Informer<Service>,
+    pub slices: Informer<EndpointSlice>,
+    pub nodes: Informer<Node>,
+    pub events: events::Recorder,
+}
+
+fn key_of<K: kube::Resource>(o: &K) -> Key {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// Runs the controllers until the future is dropped (every task is owned by it).
+pub async fn run(client: Client, cfg: Config) {
+    let mut tasks = JoinSet::new();
+    let wc = watcher::Config::default;
+    let ctx = Arc::new(Ctx {
+        pods: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        replicasets: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        deployments: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        services: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        slices: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        nodes: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        events: events::Recorder::new(client.clone(), "controller-manager"),
+        client,
+        cfg,
+    });
+    ctx.pods.ready().await;
+    ctx.replicasets.ready().await;
+    ctx.deployments.ready().await;
+    ctx.services.ready().await;
+    ctx.slices.ready().await;
+    ctx.nodes.ready().await;
+
+    // ReplicaSets: their own changes, and their pods' (orphans to all matching sets).
+    let rs_q = Queue::<Key>::new(ctx.cfg.max_backoff);
+    let exp = Arc::new(Expectations::<Key>::default());
+    {
+        let (q, c) = (rs_q.clone(), ctx.clone());
+        let mut rs_events = ctx.replicasets.subscribe();
+        let mut pod_events = ctx.pods.subscribe();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(rs) = rs_events.recv() => q.add(key_of(rs.as_ref())),
+                    Some(p) = pod_events.recv() => {
+                        for k in owners_of::<ReplicaSet>(&c.replicasets, &p.metadata, p.namespace().as_deref(), |rs| rs.spec.as_ref().map(|s| &s.selector)) {
+                            q.add(k);
+                        }
+                    }
+                    else => break,
+                }
+            }
+        });
+        let (c, e) = (ctx.clone(), exp.clone());
+        rs_q.run(&mut tasks, 2, move |k| {
+            replicaset::reconcile(c.clone(), e.clone(), k)
+        });
+    }
+
+    // Deployments: their own changes, their ReplicaSets', and pod deletions (Recreate waits).
+    let d_q = Queue::<Key>::new(ctx.cfg.max_backoff);
+    {
+        let (q, c) = (d_q.clone(), ctx.clone());
+        let mut d_events = ctx.deployments.subscribe();
+        let mut rs_events = ctx.replicasets.subscribe();
+        let mut pod_events = ctx.pods.subscribe();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(d) = d_events.recv() => q.add(key_of(d.as_ref())),
+                    Some(rs) = rs_events.recv() => {
+                        for k in owners_of::<Deployment>(&c.deployments, &rs.metadata, rs.namespace().as_deref(), |d| d.spec.as_ref().map(|s| &s.selector)) {
+                            q.add(k);
+                        }
+                    }
+                    Some(p) = pod_events.recv() => {
+                        // A Recreate rollout waits for old pods to be gone.
+                        if p.metadata.deletion_timestamp.is_some() || pods::is_terminal(&p) {
+                            let ns = p.namespace().unwrap_or_default();
+                            if let Some(rs) = owners::controller_of(&p.metadata).and_then(|o| c.replicasets.get(Some(&ns), &o.name)) {
+                                if let Some(d) = owners::controller_of(&rs.metadata) {
+                                    q.add((ns, d.name.clone()));
+                                }
+                            }
+                        }
+                    }
+                    else => break,
+                }
+            }
+        });
+        let c = ctx.clone();
+        d_q.run(&mut tasks, 2, move |k| deployment::reconcile(c.clone(), k));
+    }
+
+    endpoints::start(&mut tasks, ctx.clone());
+    nodeipam::start(&mut tasks, ctx.clone());
+
+    // A periodic resync, as informers' resync: level-triggered safety net.
+    {
+        let c = ctx.clone();
+        let (rs_q, d_q) = (rs_q.clone(), d_q.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                for rs in c.replicasets.store().state() {
+                    rs_q.add(key_of(rs.as_ref()));
+                }
+                for d in c.deployments.store().state() {
+                    d_q.add(key_of(d.as_ref()));
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The keys of the controllers of `meta`'s kind `K` to tell: its controller if it has one,
+/// otherwise every `K` in its namespace whose selector matches it (adoption).
+fn owners_of<K>(
+    inf: &Informer<K>,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ns: Option<&str>,
+    selector: impl Fn(&K) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+) -> Vec<Key>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let ns = ns.unwrap_or_default();
+    match owners::controller_of(meta) {
+        Some(o) if o.kind == K::kind(&()) => vec![(ns.to_string(), o.name.clone())],
+        Some(_) => vec![],
+        None => inf
+            .in_namespace(ns)
+            .iter()
+            .filter(|k| {
+                selector(k).is_some_and(|s| {
+                    owners::selects_anything(s) && owners::matches(s, meta.labels.as_ref())
+                })
+            })
+            .map(|k| key_of(k.as_ref()))
+            .collect(),
+    }
+}

@@ -1,0 +1,119 @@
+//! Node IPAM: every Node gets `spec.podCIDR` (and `podCIDRs`), a /24 (the mask is a flag) of
+//! the cluster CIDR that no other node has.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use super::queue::{Action, Queue};
+use super::{Ctx, Error};
+
+pub fn start(tasks: &mut JoinSet<()>, ctx: Arc<Ctx>) {
+    let q = Queue::<String>::new(ctx.cfg.max_backoff);
+    let mut events = ctx.nodes.subscribe();
+    let qq = q.clone();
+    tasks.spawn(async move {
+        while let Some(n) = events.recv().await {
+            qq.add(n.name_any());
+        }
+    });
+    for n in ctx.nodes.store().state() {
+        q.add(n.name_any());
+    }
+    // One worker: two nodes never pick the same range.
+    let taken = Arc::new(std::sync::Mutex::new(HashSet::<u32>::new()));
+    q.run(tasks, 1, move |name| {
+        reconcile(ctx.clone(), taken.clone(), name)
+    });
+}
+
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = s.split_once('/')?;
+    Some((ip.parse().ok()?, len.parse().ok()?))
+}
+
+/// The index of the first free block of size `mask` in `cluster`, given the taken ones.
+pub fn first_free(cluster: (Ipv4Addr, u8), mask: u8, taken: &HashSet<u32>) -> Option<Ipv4Addr> {
+    let (base, len) = cluster;
+    if mask < len || mask > 32 {
+        return None;
+    }
+    let base = u32::from(base) & (u32::MAX.checked_shl(32 - len as u32).unwrap_or(0));
+    let count = 1u64 << (mask - len);
+    let step = 1u64 << (32 - mask);
+    (0..count)
+        .map(|i| base + (i * step) as u32)
+        .find(|b| !taken.contains(b))
+        .map(Ipv4Addr::from)
+}
+
+async fn reconcile(
+    ctx: Arc<Ctx>,
+    taken: Arc<std::sync::Mutex<HashSet<u32>>>,
+    name: String,
+) -> Result<Action, Error> {
+    let Some(node) = ctx.nodes.get(None, &name) else {
+        return Ok(Action::Done);
+    };
+    let have = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+    let cidr = {
+        let mut t = taken.lock().expect("taken lock");
+        for n in ctx.nodes.store().state() {
+            if let Some((ip, _)) = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.pod_cidr.as_deref())
+                .and_then(parse_cidr)
+            {
+                t.insert(u32::from(ip));
+            }
+        }
+        if have.is_some() {
+            return Ok(Action::Done);
+        }
+        let mask = ctx.cfg.node_cidr_mask;
+        let ip = first_free(ctx.cfg.cluster_cidr, mask, &t).ok_or_else(|| {
+            Error::CidrFull(
+                format!("{}/{}", ctx.cfg.cluster_cidr.0, ctx.cfg.cluster_cidr.1),
+                mask,
+            )
+        })?;
+        t.insert(u32::from(ip));
+        format!("{ip}/{mask}")
+    };
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let patch = json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    tracing::info!(node = %name, %cidr, "pod CIDR allocated");
+    Ok(Action::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_cut_in_order() {
+        let cluster = (Ipv4Addr::new(10, 244, 0, 0), 16);
+        let mut taken = HashSet::new();
+        assert_eq!(
+            first_free(cluster, 24, &taken),
+            Some(Ipv4Addr::new(10, 244, 0, 0))
+        );
+        taken.insert(u32::from(Ipv4Addr::new(10, 244, 0, 0)));
+        assert_eq!(
+            first_free(cluster, 24, &taken),
+            Some(Ipv4Addr::new(10, 244, 1, 0))
+        );
+        let tiny = (Ipv4Addr::new(10, 0, 0, 0), 24);
+        taken.insert(u32::from(Ipv4Addr::new(10, 0, 0, 0)));
+        assert_eq!(first_free(tiny, 24, &taken), None);
+    }
+}

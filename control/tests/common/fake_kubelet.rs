@@ -1,0 +1,99 @@
+//! Plays the kubelet of one node where no agent runs: registers a Ready node, reports every
+//! pod bound to it Running and Ready (after `ready_after`), and finishes graceful deletions.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+pub struct FakeKubelet {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKubelet {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn node(client: &Client, name: &str, cpu: &str, memory: &str) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+    }))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    let status = json!({"status": {
+        "capacity": {"cpu": cpu, "memory": memory, "pods": "110"},
+        "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "kubelet is posting ready status",
+            "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}});
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+/// Starts playing the kubelet of a new node `name` (4 cpu, 8Gi) with the admin `client`.
+pub async fn start(client: Client, name: &str, ready_after: Duration) -> Result<FakeKubelet> {
+    node(&client, name, "4", "8Gi").await?;
+    let name = name.to_string();
+    let task = tokio::spawn(async move {
+        let pods: Api<Pod> = Api::all(client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={name}"));
+        let mut events = watcher(pods, cfg)
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        let mut n: u32 = 0;
+        let mut started = HashSet::new();
+        while let Some(Ok(p)) = events.next().await {
+            let ns = p.namespace().unwrap_or_default();
+            let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            if p.metadata.deletion_timestamp.is_some() {
+                let _ = api
+                    .delete(&p.name_any(), &DeleteParams::default().grace_period(0))
+                    .await;
+                continue;
+            }
+            let uid = p.metadata.uid.clone().unwrap_or_default();
+            if !started.insert(uid) {
+                continue;
+            }
+            n += 1;
+            let ip = format!("10.244.{}.{}", n / 250, n % 250 + 2);
+            let (api, pname) = (api.clone(), p.name_any());
+            tokio::spawn(async move {
+                let now = k8s_openapi::jiff::Timestamp::now().to_string();
+                let running = |ready: &str| {
+                    json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                    "hostIP": "127.0.0.1", "startTime": now,
+                    "conditions": [{"type": "Ready", "status": ready, "lastTransitionTime": now},
+                        {"type": "ContainersReady", "status": ready, "lastTransitionTime": now}]}})
+                };
+                let _ = api
+                    .patch_status(
+                        &pname,
+                        &PatchParams::default(),
+                        &Patch::Merge(running("False")),
+                    )
+                    .await;
+                tokio::time::sleep(ready_after).await;
+                let now = k8s_openapi::jiff::Timestamp::now().to_string();
+                let ready = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now},
+                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}]}});
+                let _ = api
+                    .patch_status(&pname, &PatchParams::default(), &Patch::Merge(ready))
+                    .await;
+            });
+        }
+    });
+    Ok(FakeKubelet { task })
+}
