@@ -133,8 +133,10 @@ fn status_of(
     rs.status.as_ref().and_then(f).unwrap_or(0)
 }
 
+/// Available pods, never more than the set is sized for: a set just scaled down may still
+/// report the pods it is deleting.
 fn available(rs: &ReplicaSet) -> i32 {
-    status_of(rs, |s| s.available_replicas)
+    status_of(rs, |s| s.available_replicas).min(replicas(rs))
 }
 
 /// A template as JSON without the hash label: two templates are the same when these are.
@@ -782,7 +784,6 @@ impl Run<'_> {
             conditions: old.conditions,
             terminating_replicas: None,
         }
-        .normalized()
     }
 
     fn complete(&self, new: Option<usize>) -> bool {
@@ -937,28 +938,6 @@ impl Run<'_> {
             .await?;
         }
         Ok(requeue.map_or(Action::Done, Action::After))
-    }
-}
-
-trait Normalized {
-    fn normalized(self) -> Self;
-}
-
-impl Normalized for DeploymentStatus {
-    /// Zero counts are left out, as the API server's JSON leaves them out.
-    fn normalized(mut self) -> Self {
-        for f in [
-            &mut self.replicas,
-            &mut self.updated_replicas,
-            &mut self.ready_replicas,
-            &mut self.available_replicas,
-            &mut self.unavailable_replicas,
-        ] {
-            if *f == Some(0) {
-                *f = None;
-            }
-        }
-        self
     }
 }
 

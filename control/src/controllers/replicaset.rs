@@ -85,6 +85,7 @@ pub async fn reconcile(
         .collect();
     let want = spec.replicas.unwrap_or(1).max(0) as usize;
     let mut manage_err = None;
+    let mut deleted: Vec<String> = Vec::new();
     if rs.metadata.deletion_timestamp.is_none() {
         if active.len() < want {
             manage_err = create_pods(&ctx, &exp, &key, &rs, (want - active.len()).min(BURST))
@@ -95,6 +96,7 @@ pub async fn reconcile(
             let victims: Vec<Arc<Pod>> = active.drain(..(active.len() - want).min(BURST)).collect();
             for p in &victims {
                 exp.deleted(&key, p.name_any());
+                deleted.push(p.name_any());
             }
             let results = join_all(victims.iter().map(|p| {
                 let api = api.clone();
@@ -131,7 +133,11 @@ pub async fn reconcile(
         .and_then(|t| t.metadata.as_ref())
         .and_then(|m| m.labels.clone())
         .unwrap_or_default();
-    let counted: Vec<&Arc<Pod>> = owned.iter().filter(|p| pods::is_active(p)).collect();
+    // Pods deleted in this pass no longer count, so a reader never sees them as available.
+    let counted: Vec<&Arc<Pod>> = owned
+        .iter()
+        .filter(|p| pods::is_active(p) && !deleted.contains(&p.name_any()))
+        .collect();
     let status = ReplicaSetStatus {
         replicas: counted.len() as i32,
         fully_labeled_replicas: Some(
