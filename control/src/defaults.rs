@@ -28,6 +28,8 @@ pub fn apply(kind: &str, obj: &mut Value) {
         }
         "Deployment" => deployment(obj),
         "ReplicaSet" => replica_set(obj),
+        "DaemonSet" => daemon_set(obj),
+        "Job" => job(obj),
         "Service" => service_spec(obj),
         "Secret" => {
             let t = obj.get("type").and_then(Value::as_str).unwrap_or("");
@@ -134,6 +136,74 @@ fn replica_set(obj: &mut Value) {
         dflt(spec, "replicas", json!(1));
     }
     template(obj);
+}
+
+fn daemon_set(obj: &mut Value) {
+    if let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) {
+        dflt(spec, "revisionHistoryLimit", json!(10));
+        dflt(spec, "updateStrategy", json!({}));
+        let strategy = &mut spec["updateStrategy"];
+        dflt(strategy, "type", json!("RollingUpdate"));
+        if strategy["type"] == "RollingUpdate" {
+            dflt(strategy, "rollingUpdate", json!({}));
+            let ru = &mut strategy["rollingUpdate"];
+            dflt(ru, "maxUnavailable", json!(1));
+            dflt(ru, "maxSurge", json!(0));
+        }
+    }
+    template(obj);
+}
+
+fn job(obj: &mut Value) {
+    if let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) {
+        dflt(spec, "parallelism", json!(1));
+        if spec.get("completions").is_none_or(Value::is_null) && spec["parallelism"] == 1 {
+            spec["completions"] = json!(1);
+        }
+        dflt(spec, "backoffLimit", json!(6));
+        dflt(spec, "completionMode", json!("NonIndexed"));
+        dflt(spec, "suspend", json!(false));
+        dflt(spec, "manualSelector", json!(false));
+        dflt(spec, "podReplacementPolicy", json!("TerminatingOrFailed"));
+    }
+    template(obj);
+}
+
+/// A new Job's selector and pod labels, as kube-apiserver makes them: its uid (and name)
+/// as labels, the uid as the selector (unless `manualSelector`).
+pub fn job_selector(obj: &mut Value) {
+    let uid = obj
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let Some(spec) = obj.get_mut("spec").filter(|s| s.is_object()) else {
+        return;
+    };
+    if spec.get("manualSelector") == Some(&json!(true)) {
+        return;
+    }
+    let labels = json!({
+        "batch.kubernetes.io/controller-uid": uid,
+        "batch.kubernetes.io/job-name": name,
+        "controller-uid": uid,
+        "job-name": name,
+    });
+    spec["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+    dflt(spec, "template", json!({}));
+    let t = &mut spec["template"];
+    dflt(t, "metadata", json!({}));
+    dflt(&mut t["metadata"], "labels", json!({}));
+    if let (Some(have), Some(add)) = (t["metadata"]["labels"].as_object_mut(), labels.as_object()) {
+        for (k, v) in add {
+            have.insert(k.clone(), v.clone());
+        }
+    }
 }
 
 fn service_spec(obj: &mut Value) {

@@ -293,6 +293,9 @@ impl Registry {
             meta.remove("generation");
         }
         prepare_create(rt, &mut obj);
+        if rt.kind == "Job" {
+            defaults::job_selector(&mut obj);
+        }
         defaults::apply(rt.kind, &mut obj);
         if rt.kind == "Pod" {
             defaults::default_toleration_seconds(&mut obj);
@@ -606,7 +609,7 @@ fn prepare_create(rt: &ResourceType, obj: &mut Value) {
         "Pod" => {
             obj["status"] = json!({"phase": "Pending", "qosClass": qos_class(&obj["spec"])});
         }
-        "Deployment" | "ReplicaSet" | "Service" => {
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "Job" | "Service" => {
             let lb = if rt.kind == "Service" {
                 json!({"loadBalancer": {}})
             } else {

@@ -244,6 +244,32 @@ pub static TYPES: &[ResourceType] = &[
         true
     ),
     rt!(
+        "apps",
+        "v1",
+        "daemonsets",
+        "daemonset",
+        "DaemonSet",
+        true,
+        &["ds"],
+        ALL,
+        &["status"],
+        true,
+        true
+    ),
+    rt!(
+        "batch",
+        "v1",
+        "jobs",
+        "job",
+        "Job",
+        true,
+        NONE,
+        ALL,
+        &["status"],
+        true,
+        true
+    ),
+    rt!(
         "discovery.k8s.io",
         "v1",
         "endpointslices",
@@ -274,6 +300,7 @@ pub static TYPES: &[ResourceType] = &[
 /// Groups in discovery order (the core group is served under /api, not listed here).
 pub static GROUPS: &[(&str, &str)] = &[
     ("apps", "v1"),
+    ("batch", "v1"),
     ("discovery.k8s.io", "v1"),
     ("coordination.k8s.io", "v1"),
 ];

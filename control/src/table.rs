@@ -41,6 +41,29 @@ fn columns(kind: &str) -> &'static [Col] {
             ("Images", "string", 1),
             ("Selector", "string", 1),
         ],
+        "DaemonSet" => &[
+            ("Name", "string", 0),
+            ("Desired", "integer", 0),
+            ("Current", "integer", 0),
+            ("Ready", "integer", 0),
+            ("Up-to-date", "integer", 0),
+            ("Available", "integer", 0),
+            ("Node Selector", "string", 0),
+            ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
+        "Job" => &[
+            ("Name", "string", 0),
+            ("Status", "string", 0),
+            ("Completions", "string", 0),
+            ("Duration", "string", 0),
+            ("Age", "string", 0),
+            ("Containers", "string", 1),
+            ("Images", "string", 1),
+            ("Selector", "string", 1),
+        ],
         "Service" => &[
             ("Name", "string", 0),
             ("Type", "string", 0),
@@ -273,6 +296,73 @@ fn cells(kind: &str, o: &Value, age: String) -> Vec<Value> {
                 json!(i(o, "/spec/replicas")),
                 json!(i(o, "/status/replicas")),
                 json!(i(o, "/status/readyReplicas")),
+                json!(age),
+                json!(c),
+                json!(im),
+                json!(sel),
+            ]
+        }
+        "DaemonSet" => {
+            let (c, im, sel) = template_columns(o);
+            let node_sel: Vec<String> = o
+                .pointer("/spec/template/spec/nodeSelector")
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                .collect();
+            vec![
+                name,
+                json!(i(o, "/status/desiredNumberScheduled")),
+                json!(i(o, "/status/currentNumberScheduled")),
+                json!(i(o, "/status/numberReady")),
+                json!(i(o, "/status/updatedNumberScheduled")),
+                json!(i(o, "/status/numberAvailable")),
+                json!(or_none(&node_sel.join(","))),
+                json!(age),
+                json!(c),
+                json!(im),
+                json!(sel),
+            ]
+        }
+        "Job" => {
+            let (c, im, sel) = template_columns(o);
+            let cond = |t: &str| {
+                o.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == t && c["status"] == "True")
+            };
+            let status = if cond("Complete") {
+                "Complete"
+            } else if cond("Failed") {
+                "Failed"
+            } else if cond("Suspended") {
+                "Suspended"
+            } else {
+                "Running"
+            };
+            let completions = match o.pointer("/spec/completions").and_then(Value::as_i64) {
+                Some(n) => format!("{}/{n}", i(o, "/status/succeeded")),
+                None => format!(
+                    "{}/1 of {}",
+                    i(o, "/status/succeeded"),
+                    i(o, "/spec/parallelism")
+                ),
+            };
+            let start = s(o, "/status/startTime");
+            let end = s(o, "/status/completionTime");
+            let duration = match (start.parse::<DateTime<Utc>>(), end.parse::<DateTime<Utc>>()) {
+                (Ok(a), Ok(b)) => human_age(&a.to_rfc3339(), b),
+                (Ok(a), _) => human_age(&a.to_rfc3339(), Utc::now()),
+                _ => String::new(),
+            };
+            vec![
+                name,
+                json!(status),
+                json!(completions),
+                json!(duration),
                 json!(age),
                 json!(c),
                 json!(im),

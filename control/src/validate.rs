@@ -73,6 +73,8 @@ pub fn typed(rt: &ResourceType, obj: Value, strict: bool) -> Result<Value, ApiEr
         "Event" => roundtrip::<core::Event>(rt, &obj)?,
         "Deployment" => roundtrip::<apps::Deployment>(rt, &obj)?,
         "ReplicaSet" => roundtrip::<apps::ReplicaSet>(rt, &obj)?,
+        "DaemonSet" => roundtrip::<apps::DaemonSet>(rt, &obj)?,
+        "Job" => roundtrip::<k8s_openapi::api::batch::v1::Job>(rt, &obj)?,
         "EndpointSlice" => roundtrip::<disc::EndpointSlice>(rt, &obj)?,
         "Lease" => roundtrip::<coord::Lease>(rt, &obj)?,
         _ => obj.clone(),
@@ -153,7 +155,8 @@ pub fn fields(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
     }
     match rt.kind {
         "Pod" => pod_spec(&obj["spec"], "spec", &mut c),
-        "Deployment" | "ReplicaSet" => workload(obj, &mut c),
+        "Deployment" | "ReplicaSet" | "DaemonSet" => workload(obj, &mut c),
+        "Job" => job(obj, &mut c),
         "Service" => service(&obj["spec"], &mut c),
         "ConfigMap" | "Secret" => data_keys(obj, &mut c),
         _ => {}
@@ -266,6 +269,36 @@ fn workload(obj: &Value, c: &mut Vec<Cause>) {
                 "spec.template.spec.restartPolicy",
                 &Value::from(rp),
                 &["Always"],
+            ));
+        }
+    }
+}
+
+fn job(obj: &Value, c: &mut Vec<Cause>) {
+    let spec = &obj["spec"];
+    pod_spec(&spec["template"]["spec"], "spec.template.spec", c);
+    let rp = spec
+        .pointer("/template/spec/restartPolicy")
+        .and_then(Value::as_str);
+    if !matches!(rp, Some("OnFailure" | "Never")) {
+        c.push(Cause::not_supported(
+            "spec.template.spec.restartPolicy",
+            &Value::from(rp.unwrap_or("")),
+            &["OnFailure", "Never"],
+        ));
+    }
+    for f in [
+        "parallelism",
+        "completions",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+        "ttlSecondsAfterFinished",
+    ] {
+        if spec.get(f).and_then(Value::as_i64).is_some_and(|n| n < 0) {
+            c.push(Cause::invalid(
+                format!("spec.{f}"),
+                &spec[f],
+                "must be greater than or equal to 0",
             ));
         }
     }

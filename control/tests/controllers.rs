@@ -529,3 +529,169 @@ spec:
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_sets_run_one_pod_per_eligible_node() -> Result<()> {
+    let ts = TestServer::start_with_controllers().await?;
+    let admin = ts.client().await?;
+    let _a = fake_kubelet::start(admin.clone(), "node-a", Duration::from_millis(50)).await?;
+    let _b = fake_kubelet::start(admin.clone(), "node-b", Duration::from_millis(50)).await?;
+    let v = 33;
+    let ds = "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector:
+    matchLabels: {app: agent}
+  template:
+    metadata:
+      labels: {app: agent}
+    spec:
+      containers:
+      - name: c
+        image: 127.0.0.1:5000/test/busybox:v1
+";
+    ok(ts.kubectl_stdin(v, &["apply", "-f", "-"], ds));
+    let out = ok(ts.kubectl(v, &["rollout", "status", "ds/agent", "--timeout=60s"]));
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    let nodes_of = || async {
+        let mut n: Vec<String> = pods
+            .list(&ListParams::default().labels("app=agent"))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.spec?.node_name)
+            .collect();
+        n.sort();
+        anyhow::Ok(n)
+    };
+    assert_eq!(nodes_of().await?, ["node-a", "node-b"]);
+    let out = ok(ts.kubectl(v, &["get", "ds", "agent"]));
+    assert!(
+        out.lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .take(6)
+            .eq(["agent", "2", "2", "2", "2", "2"]),
+        "{out}"
+    );
+    // A nodeSelector only node-b matches: the pod on node-a goes.
+    ok(ts.kubectl(v, &["label", "node", "node-b", "role=edge"]));
+    ok(ts.kubectl(
+        v,
+        &[
+            "patch",
+            "ds/agent",
+            "-p",
+            r#"{"spec":{"template":{"spec":{"nodeSelector":{"role":"edge"}}}}}"#,
+        ],
+    ));
+    ok(ts.kubectl(v, &["rollout", "status", "ds/agent", "--timeout=60s"]));
+    eventually("one pod on node-b", Duration::from_secs(30), || async {
+        Ok(nodes_of().await? == ["node-b"])
+    })
+    .await?;
+    Ok(())
+}
+
+const JOB: &str = "apiVersion: batch/v1
+kind: Job
+metadata: {name: NAME}
+spec:
+  completions: 3
+  parallelism: 2
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: c
+        image: 127.0.0.1:5000/test/busybox:v1
+        command: [CMD]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_complete_or_fail() -> Result<()> {
+    let ts = TestServer::start_with_controllers().await?;
+    let admin = ts.client().await?;
+    let _kubelet = fake_kubelet::start(admin.clone(), "node-1", Duration::from_millis(100)).await?;
+    for v in [27, 33] {
+        let ok_job = JOB
+            .replace("NAME", &format!("ok-{v}"))
+            .replace("CMD", "'true'");
+        ok(ts.kubectl_stdin(v, &["apply", "-f", "-"], &ok_job));
+        let out = ok(ts.kubectl(
+            v,
+            &[
+                "wait",
+                "--for=condition=complete",
+                &format!("job/ok-{v}"),
+                "--timeout=60s",
+            ],
+        ));
+        assert!(out.contains("condition met"), "{out}");
+        let out = ok(ts.kubectl(
+            v,
+            &[
+                "get",
+                "job",
+                &format!("ok-{v}"),
+                "-o",
+                "jsonpath={.status.succeeded} {.status.active}",
+            ],
+        ));
+        assert_eq!(out, "3 0");
+        let bad_job = JOB
+            .replace("NAME", &format!("bad-{v}"))
+            .replace("CMD", "'false'");
+        ok(ts.kubectl_stdin(v, &["apply", "-f", "-"], &bad_job));
+        ok(ts.kubectl(
+            v,
+            &[
+                "wait",
+                "--for=condition=failed",
+                &format!("job/bad-{v}"),
+                "--timeout=60s",
+            ],
+        ));
+        let out = ok(ts.kubectl(
+            v,
+            &[
+                "get",
+                "job",
+                &format!("bad-{v}"),
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Failed')].reason}",
+            ],
+        ));
+        assert_eq!(out, "BackoffLimitExceeded");
+    }
+    let out = ok(ts.kubectl(33, &["get", "jobs"]));
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok-33") && l.contains("Complete") && l.contains("3/3")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("bad-33") && l.contains("Failed")),
+        "{out}"
+    );
+    let out = ok(ts.kubectl(33, &["describe", "job", "bad-33"]));
+    assert!(out.contains("BackoffLimitExceeded"), "{out}");
+    // A finished Job with ttlSecondsAfterFinished goes away with its pods.
+    let ttl = JOB.replace("NAME", "ttl").replace("CMD", "'true'").replace(
+        "backoffLimit: 0",
+        "backoffLimit: 0\n  ttlSecondsAfterFinished: 1",
+    );
+    ok(ts.kubectl_stdin(33, &["apply", "-f", "-"], &ttl));
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(admin.clone(), "default");
+    eventually("the ttl job deleted", Duration::from_secs(40), || async {
+        Ok(jobs.get_opt("ttl").await?.is_none())
+    })
+    .await?;
+    Ok(())
+}

@@ -2,10 +2,12 @@
 //! deduplicating queue with per-key backoff, and writes only through the Kubernetes API (the
 //! in-process client), as kube-controller-manager does against any API server.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod events;
 pub mod informer;
+pub mod job;
 pub mod nodeipam;
 pub mod owners;
 pub mod pods;
@@ -16,7 +18,8 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
@@ -52,6 +55,8 @@ pub struct Config {
     pub node_cidr_mask: u8,
     /// Longest retry delay of a failing key.
     pub max_backoff: Duration,
+    /// First pause before replacing a Job's failed pod (doubling per failure, at most 6 min).
+    pub job_backoff: Duration,
 }
 
 impl Default for Config {
@@ -60,6 +65,7 @@ impl Default for Config {
             cluster_cidr: (Ipv4Addr::new(10, 244, 0, 0), 16),
             node_cidr_mask: 24,
             max_backoff: Duration::from_secs(60),
+            job_backoff: Duration::from_secs(10),
         }
     }
 }
@@ -71,6 +77,8 @@ pub struct Ctx {
     pub pods: Informer<Pod>,
     pub replicasets: Informer<ReplicaSet>,
     pub deployments: Informer<Deployment>,
+    pub daemonsets: Informer<DaemonSet>,
+    pub jobs: Informer<Job>,
     pub services: Informer<Service>,
     pub slices: Informer<EndpointSlice>,
     pub nodes: Informer<Node>,
@@ -89,6 +97,8 @@ pub async fn run(client: Client, cfg: Config) {
         pods: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         replicasets: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         deployments: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        daemonsets: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        jobs: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         services: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         slices: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         nodes: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
@@ -99,6 +109,8 @@ pub async fn run(client: Client, cfg: Config) {
     ctx.pods.ready().await;
     ctx.replicasets.ready().await;
     ctx.deployments.ready().await;
+    ctx.daemonsets.ready().await;
+    ctx.jobs.ready().await;
     ctx.services.ready().await;
     ctx.slices.ready().await;
     ctx.nodes.ready().await;
@@ -164,13 +176,69 @@ pub async fn run(client: Client, cfg: Config) {
         d_q.run(&mut tasks, 2, move |k| deployment::reconcile(c.clone(), k));
     }
 
+    // DaemonSets: their own changes, their pods', and nodes coming and going.
+    let ds_q = Queue::<Key>::new(ctx.cfg.max_backoff);
+    {
+        let (q, c) = (ds_q.clone(), ctx.clone());
+        let mut ds_events = ctx.daemonsets.subscribe();
+        let mut pod_events = ctx.pods.subscribe();
+        let mut node_events = ctx.nodes.subscribe();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(ds) = ds_events.recv() => q.add(key_of(ds.as_ref())),
+                    Some(p) = pod_events.recv() => {
+                        if let Some(o) = owners::controller_of(&p.metadata).filter(|o| o.kind == "DaemonSet") {
+                            q.add((p.namespace().unwrap_or_default(), o.name.clone()));
+                        }
+                    }
+                    Some(_) = node_events.recv() => {
+                        for ds in c.daemonsets.store().state() {
+                            q.add(key_of(ds.as_ref()));
+                        }
+                    }
+                    else => break,
+                }
+            }
+        });
+        let (c, e) = (ctx.clone(), Arc::new(Expectations::<Key>::default()));
+        ds_q.run(&mut tasks, 1, move |k| {
+            daemonset::reconcile(c.clone(), e.clone(), k)
+        });
+    }
+
+    // Jobs: their own changes and their pods'.
+    let job_q = Queue::<Key>::new(ctx.cfg.max_backoff);
+    {
+        let q = job_q.clone();
+        let mut job_events = ctx.jobs.subscribe();
+        let mut pod_events = ctx.pods.subscribe();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(j) = job_events.recv() => q.add(key_of(j.as_ref())),
+                    Some(p) = pod_events.recv() => {
+                        if let Some(o) = owners::controller_of(&p.metadata).filter(|o| o.kind == "Job") {
+                            q.add((p.namespace().unwrap_or_default(), o.name.clone()));
+                        }
+                    }
+                    else => break,
+                }
+            }
+        });
+        let (c, e) = (ctx.clone(), Arc::new(Expectations::<Key>::default()));
+        job_q.run(&mut tasks, 2, move |k| {
+            job::reconcile(c.clone(), e.clone(), k)
+        });
+    }
+
     endpoints::start(&mut tasks, ctx.clone());
     nodeipam::start(&mut tasks, ctx.clone());
 
     // A periodic resync, as informers' resync: level-triggered safety net.
     {
         let c = ctx.clone();
-        let (rs_q, d_q) = (rs_q.clone(), d_q.clone());
+        let (rs_q, d_q, ds_q, job_q) = (rs_q.clone(), d_q.clone(), ds_q.clone(), job_q.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(30));
             loop {
@@ -180,6 +248,12 @@ pub async fn run(client: Client, cfg: Config) {
                 }
                 for d in c.deployments.store().state() {
                     d_q.add(key_of(d.as_ref()));
+                }
+                for ds in c.daemonsets.store().state() {
+                    ds_q.add(key_of(ds.as_ref()));
+                }
+                for j in c.jobs.store().state() {
+                    job_q.add(key_of(j.as_ref()));
                 }
             }
         });

@@ -1,5 +1,7 @@
 //! Plays the kubelet of one node where no agent runs: registers a Ready node, reports every
 //! pod bound to it Running and Ready (after `ready_after`), and finishes graceful deletions.
+//! A pod that does not restart always ends after `ready_after`: Failed with exit code 1 when
+//! its command mentions `false`, Succeeded otherwise.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -70,6 +72,23 @@ pub async fn start(client: Client, name: &str, ready_after: Duration) -> Result<
             n += 1;
             let ip = format!("10.244.{}.{}", n / 250, n % 250 + 2);
             let (api, pname) = (api.clone(), p.name_any());
+            let spec = p.spec.clone().unwrap_or_default();
+            let ends = spec
+                .restart_policy
+                .as_deref()
+                .is_some_and(|r| r != "Always");
+            let fails = spec.containers.iter().any(|c| {
+                c.command
+                    .iter()
+                    .chain(c.args.iter())
+                    .flatten()
+                    .any(|a| a.contains("false"))
+            });
+            let container = spec
+                .containers
+                .first()
+                .map(|c| c.name.clone())
+                .unwrap_or_default();
             tokio::spawn(async move {
                 let now = k8s_openapi::jiff::Timestamp::now().to_string();
                 let running = |ready: &str| {
@@ -92,6 +111,23 @@ pub async fn start(client: Client, name: &str, ready_after: Duration) -> Result<
                 let _ = api
                     .patch_status(&pname, &PatchParams::default(), &Patch::Merge(ready))
                     .await;
+                if ends {
+                    tokio::time::sleep(ready_after).await;
+                    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+                    let (phase, code, reason) = if fails {
+                        ("Failed", 1, "Error")
+                    } else {
+                        ("Succeeded", 0, "Completed")
+                    };
+                    let done = json!({"status": {"phase": phase,
+                        "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now}],
+                        "containerStatuses": [{"name": container, "ready": false, "restartCount": 0,
+                            "image": "", "imageID": "",
+                            "state": {"terminated": {"exitCode": code, "reason": reason, "finishedAt": now, "startedAt": now}}}]}});
+                    let _ = api
+                        .patch_status(&pname, &PatchParams::default(), &Patch::Merge(done))
+                        .await;
+                }
             });
         }
     });
