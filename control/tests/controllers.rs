@@ -695,3 +695,100 @@ async fn jobs_complete_or_fail() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// A node that stops renewing its Lease becomes Ready=Unknown with the unreachable taints,
+/// and its pods are evicted when their tolerations run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_tainted_and_its_pods_evicted() -> Result<()> {
+    let ts = TestServer::start_with_config(|c| {
+        c.node_monitor_grace_period = Duration::from_secs(3);
+        c.node_monitor_period = Duration::from_millis(500);
+    })
+    .await?;
+    let admin = ts.client().await?;
+    let kubelet = fake_kubelet::start(admin.clone(), "node-1", Duration::from_millis(50)).await?;
+    let v = 33;
+    let pod = "apiVersion: v1
+kind: Pod
+metadata: {name: brief}
+spec:
+  tolerations:
+  - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+  containers:
+  - {name: c, image: 127.0.0.1:5000/test/busybox:v1}
+";
+    ok(ts.kubectl_stdin(v, &["apply", "-f", "-"], pod));
+    ok(ts.kubectl(
+        v,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/brief",
+            "--timeout=30s",
+        ],
+    ));
+    // Healthy for longer than the grace period while the lease is renewed.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(admin.clone());
+    let taints = |n: &k8s_openapi::api::core::v1::Node| {
+        let mut t: Vec<String> = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| format!("{}:{}", t.key, t.effect))
+            .collect();
+        t.sort();
+        t
+    };
+    assert!(taints(&nodes.get("node-1").await?).is_empty());
+    drop(kubelet);
+    eventually(
+        "Ready=Unknown and unreachable taints",
+        Duration::from_secs(20),
+        || async {
+            let n = nodes.get("node-1").await?;
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == "Ready").cloned());
+            Ok(ready.is_some_and(|r| {
+                r.status == "Unknown" && r.reason.as_deref() == Some("NodeStatusUnknown")
+            }) && taints(&n)
+                == [
+                    "node.kubernetes.io/unreachable:NoExecute",
+                    "node.kubernetes.io/unreachable:NoSchedule",
+                ])
+        },
+    )
+    .await?;
+    let out = ok(ts.kubectl(v, &["get", "nodes"]));
+    assert!(out.contains("NotReady"), "{out}");
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "default");
+    eventually("the pod evicted", Duration::from_secs(20), || async {
+        Ok(pods
+            .get("brief")
+            .await?
+            .metadata
+            .deletion_timestamp
+            .is_some())
+    })
+    .await?;
+    // A new pod is not scheduled there any more.
+    ok(ts.kubectl_stdin(v, &["apply", "-f", "-"], &pod.replace("brief", "later")));
+    eventually("later unschedulable", Duration::from_secs(20), || async {
+        let p = pods.get("later").await?;
+        Ok(p.status.and_then(|s| s.conditions).is_some_and(|c| {
+            c.iter().any(|c| {
+                c.type_ == "PodScheduled"
+                    && c.message.as_deref().is_some_and(|m| {
+                        m.contains("untolerated taint {node.kubernetes.io/unreachable: }")
+                    })
+            })
+        }))
+    })
+    .await?;
+    Ok(())
+}

@@ -9,6 +9,7 @@ pub mod events;
 pub mod informer;
 pub mod job;
 pub mod nodeipam;
+pub mod nodelifecycle;
 pub mod owners;
 pub mod pods;
 pub mod queue;
@@ -57,6 +58,10 @@ pub struct Config {
     pub max_backoff: Duration,
     /// First pause before replacing a Job's failed pod (doubling per failure, at most 6 min).
     pub job_backoff: Duration,
+    /// `--node-monitor-grace-period`: a node silent this long is Ready=Unknown.
+    pub node_monitor_grace_period: Duration,
+    /// `--node-monitor-period`: how often silent nodes are looked for.
+    pub node_monitor_period: Duration,
 }
 
 impl Default for Config {
@@ -66,6 +71,8 @@ impl Default for Config {
             node_cidr_mask: 24,
             max_backoff: Duration::from_secs(60),
             job_backoff: Duration::from_secs(10),
+            node_monitor_grace_period: Duration::from_secs(50),
+            node_monitor_period: Duration::from_secs(5),
         }
     }
 }
@@ -234,6 +241,7 @@ pub async fn run(client: Client, cfg: Config) {
 
     endpoints::start(&mut tasks, ctx.clone());
     nodeipam::start(&mut tasks, ctx.clone());
+    nodelifecycle::start(&mut tasks, ctx.clone());
 
     // A periodic resync, as informers' resync: level-triggered safety net.
     {

@@ -8,11 +8,20 @@ use std::time::Duration;
 
 use anyhow::Result;
 use futures_util::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 pub struct FakeKubelet {
     task: tokio::task::JoinHandle<()>,
@@ -30,12 +39,13 @@ pub async fn node(client: &Client, name: &str, cpu: &str, memory: &str) -> Resul
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
     }))?;
     nodes.create(&PostParams::default(), &node).await?;
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let status = json!({"status": {
         "capacity": {"cpu": cpu, "memory": memory, "pods": "110"},
         "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
             "message": "kubelet is posting ready status",
-            "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "lastHeartbeatTime": now, "lastTransitionTime": now}],
         "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}]}});
     nodes
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
@@ -43,11 +53,35 @@ pub async fn node(client: &Client, name: &str, cpu: &str, memory: &str) -> Resul
     Ok(())
 }
 
+/// Renews the node's Lease every second, as a kubelet does every 10 s.
+async fn heartbeat(client: Client, name: String) {
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    loop {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now}});
+        if let Err(e) = leases
+            .patch(
+                &name,
+                &PatchParams::apply("fake-kubelet").force(),
+                &Patch::Apply(&lease),
+            )
+            .await
+        {
+            eprintln!("fake kubelet {name}: lease: {e}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Starts playing the kubelet of a new node `name` (4 cpu, 8Gi) with the admin `client`.
 pub async fn start(client: Client, name: &str, ready_after: Duration) -> Result<FakeKubelet> {
     node(&client, name, "4", "8Gi").await?;
     let name = name.to_string();
+    let beat = tokio::spawn(heartbeat(client.clone(), name.clone()));
     let task = tokio::spawn(async move {
+        let _beat = AbortOnDrop(beat);
         let pods: Api<Pod> = Api::all(client.clone());
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={name}"));
         let mut events = watcher(pods, cfg)

@@ -24,10 +24,25 @@ impl TestServer {
         Self::start_with(true).await
     }
 
+    /// The API server with the controllers, configured by `f`.
+    pub async fn start_with_config(
+        f: impl FnOnce(&mut control::controllers::Config),
+    ) -> Result<TestServer> {
+        Self::start_configured(true, f).await
+    }
+
     async fn start_with(controllers: bool) -> Result<TestServer> {
+        Self::start_configured(controllers, |_| {}).await
+    }
+
+    async fn start_configured(
+        controllers: bool,
+        f: impl FnOnce(&mut control::controllers::Config),
+    ) -> Result<TestServer> {
         let dir = tempfile::tempdir()?;
         let mut cfg = control::Config::new(dir.path().join("data"));
         cfg.controllers = controllers;
+        f(&mut cfg.controller_cfg);
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.kubeconfig = dir.path().join("admin.kubeconfig");
         let server = control::start(cfg).await?;
