@@ -14,6 +14,10 @@ use serde_json::json;
 use tracing::debug;
 
 const AGGREGATE_WINDOW: Duration = Duration::from_secs(600);
+/// Per object: at most this many events at once, then one more per refill period (client-go's
+/// spam filter), so a controller creating a thousand pods writes tens of events, not a thousand.
+const SPAM_BURST: f64 = 25.0;
+const SPAM_REFILL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Type {
@@ -32,6 +36,8 @@ pub struct Recorder {
     component: &'static str,
     /// (object uid, type, reason, message) -> (event namespace and name, count, last seen)
     seen: Arc<Mutex<HashMap<EventKey, Written>>>,
+    /// Per object uid: tokens left and when they were last counted.
+    budget: Arc<Mutex<HashMap<String, (f64, Instant)>>>,
 }
 
 impl Recorder {
@@ -40,6 +46,7 @@ impl Recorder {
             client,
             component,
             seen: Arc::default(),
+            budget: Arc::default(),
         }
     }
 
@@ -58,6 +65,10 @@ impl Recorder {
             resource_version: obj.meta().resource_version.clone(),
             ..Default::default()
         };
+        if !self.take_token(involved.uid.as_deref().unwrap_or("")) {
+            debug!(reason, "event dropped by the spam filter");
+            return;
+        }
         let (this, reason) = (self.clone(), reason.to_string());
         tokio::spawn(async move { this.write(involved, ty, reason, message).await });
     }
@@ -119,6 +130,21 @@ impl Recorder {
             Ok(_) => self.remember(key, ns, name, 1),
             Err(e) => debug!("event {reason}: {e}"),
         }
+    }
+
+    fn take_token(&self, uid: &str) -> bool {
+        let mut b = self.budget.lock().expect("events lock");
+        let now = Instant::now();
+        b.retain(|_, (tokens, at)| *tokens < SPAM_BURST || now.duration_since(*at) < SPAM_REFILL);
+        let (tokens, at) = b.entry(uid.to_string()).or_insert((SPAM_BURST, now));
+        let refill = now.duration_since(*at).as_secs_f64() / SPAM_REFILL.as_secs_f64();
+        *tokens = (*tokens + refill).min(SPAM_BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        true
     }
 
     fn remember(&self, key: EventKey, ns: String, name: String, n: i32) {

@@ -31,7 +31,7 @@ struct Scheduler {
     nodes: Informer<Node>,
     events: Recorder,
     /// Pods bound (or being bound) whose binding the cache has not shown yet: uid -> node.
-    assumed: Mutex<HashMap<String, (String, Pod)>>,
+    assumed: Mutex<HashMap<String, (String, Arc<Pod>)>>,
     unschedulable: Mutex<HashSet<Key>>,
 }
 
@@ -133,7 +133,7 @@ async fn schedule_one(s: Arc<Scheduler>, q: Arc<Queue<Key>>, key: Key) -> Result
     }
     let all = s.pods.store().state();
     let nodes = s.nodes.store().state();
-    let mut on_node: HashMap<String, Vec<Pod>> = HashMap::new();
+    let mut on_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
     {
         let mut assumed = s.assumed.lock().expect("lock");
         // Forget assumptions the cache has caught up with.
@@ -146,7 +146,7 @@ async fn schedule_one(s: Arc<Scheduler>, q: Arc<Queue<Key>>, key: Key) -> Result
             let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
             if let Some(n) = node.filter(|n| !n.is_empty()) {
                 if !pods::is_terminal(p) {
-                    on_node.entry(n).or_default().push(p.as_ref().clone());
+                    on_node.entry(n).or_default().push(p.clone());
                 }
             }
         }
@@ -159,7 +159,7 @@ async fn schedule_one(s: Arc<Scheduler>, q: Arc<Queue<Key>>, key: Key) -> Result
     for node in &nodes {
         let there: Vec<&Pod> = on_node
             .get(&node.name_any())
-            .map(|v| v.iter().collect())
+            .map(|v| v.iter().map(|p| p.as_ref()).collect())
             .unwrap_or_default();
         match fit::filter(&pod, node, &there) {
             Ok(()) => {
@@ -181,7 +181,7 @@ async fn schedule_one(s: Arc<Scheduler>, q: Arc<Queue<Key>>, key: Key) -> Result
     s.assumed
         .lock()
         .expect("lock")
-        .insert(uid.clone(), (node_name.clone(), pod.as_ref().clone()));
+        .insert(uid.clone(), (node_name.clone(), pod.clone()));
     // Binding runs on while the next pod is decided.
     tokio::spawn(async move {
         match bind(&s, &pod, &node_name).await {

@@ -41,8 +41,8 @@ pub async fn node(client: &Client, name: &str, cpu: &str, memory: &str) -> Resul
     nodes.create(&PostParams::default(), &node).await?;
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let status = json!({"status": {
-        "capacity": {"cpu": cpu, "memory": memory, "pods": "110"},
-        "allocatable": {"cpu": cpu, "memory": memory, "pods": "110"},
+        "capacity": {"cpu": cpu, "memory": memory, "pods": "2000"},
+        "allocatable": {"cpu": cpu, "memory": memory, "pods": "2000"},
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
             "message": "kubelet is posting ready status",
             "lastHeartbeatTime": now, "lastTransitionTime": now}],
