@@ -4,6 +4,7 @@
 //! `run` watches the API and keeps the table in sync; the rules stay in place when it stops,
 //! `cleanup` removes them.
 
+pub mod conntrack;
 pub mod host;
 pub mod layout;
 pub mod model;

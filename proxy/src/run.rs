@@ -15,9 +15,9 @@ use tracing::{error, info, warn};
 
 use crate::host::{self, NodePortAddresses};
 use crate::layout::{self, Layout};
-use crate::model;
 use crate::sync::Syncer;
 use crate::Error;
+use crate::{conntrack, model};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -108,6 +108,7 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
         .await
         .map_err(|_| Error::WatchEnded)?;
     let mut syncer = Syncer::new();
+    let mut synced_ports: Vec<model::ServicePort> = vec![];
     loop {
         let svcs = services.state();
         let eps = slices.state();
@@ -119,6 +120,9 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
         let retry = match syncer.sync(layout::build(&layout, &ports)).await {
             Ok(kind) => {
                 tracing::debug!(?kind, service_ports = ports.len(), "sync done");
+                // Only once the rules no longer send new flows there.
+                conntrack::clear(&conntrack::stale_flows(&synced_ports, &ports)).await;
+                synced_ports = ports;
                 false
             }
             Err(e) => {

@@ -256,3 +256,55 @@ async fn a_restart_replaces_the_table_and_cleanup_removes_it() -> Result<()> {
     proxy::cleanup(&bed.table).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_flows_move_off_a_removed_endpoint() -> Result<()> {
+    let mut bed = Bed::new(2).await?;
+    bed.udp_server(0, 5353)?;
+    bed.udp_server(1, 5353)?;
+    let client = bed.client().await?;
+    let dns = bed.service_ip(7);
+    create_service(
+        &client,
+        json!({"metadata": {"name": "dns"}, "spec": {"clusterIP": dns.to_string(),
+            "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}}),
+    )
+    .await?;
+    let slice_with = |pod: usize| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "dns-1", "labels": {"kubernetes.io/service-name": "dns"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": [bed.pods[pod].ip.to_string()]}]})
+    };
+    create_slice(&client, slice_with(0)).await?;
+    let _proxy = bed.start_proxy().await?;
+    bed.wait_element("service-ips", &format!("{dns} . udp . 53 : goto service-"))
+        .await?;
+    // One socket, one flow: its conntrack entry pins it to the endpoint it first reached.
+    let sock = tokio::net::UdpSocket::bind((bed.client.host_ip, 0)).await?;
+    assert_eq!(udp_ask(&sock, dns, 53).await.as_deref(), Some("b1"));
+    assert_eq!(udp_ask(&sock, dns, 53).await.as_deref(), Some("b1"));
+
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    slices
+        .patch(
+            "dns-1",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(slice_with(1)),
+        )
+        .await?;
+    let b1 = bed.pods[0].ip.to_string();
+    wait_for(Duration::from_secs(5), || !bed.table_text().contains(&b1)).await?;
+    // b1 still runs: only a deleted conntrack entry moves the flow to b2.
+    let mut got = None;
+    for _ in 0..20 {
+        got = udp_ask(&sock, dns, 53).await;
+        if got.as_deref() == Some("b2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got.as_deref(), Some("b2"));
+    Ok(())
+}

@@ -50,7 +50,7 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     pub host_ip: Ipv4Addr,
     pub host_if: String,
-    httpd: Option<Child>,
+    procs: Vec<Child>,
 }
 
 pub struct Bed {
@@ -78,7 +78,7 @@ impl Bed {
                 ip: Ipv4Addr::UNSPECIFIED,
                 host_ip: Ipv4Addr::UNSPECIFIED,
                 host_if: String::new(),
-                httpd: None,
+                procs: vec![],
             },
             dir,
             server: None,
@@ -126,7 +126,7 @@ impl Bed {
             ip,
             host_ip,
             host_if,
-            httpd: None,
+            procs: vec![],
         };
         if httpd {
             let www = self.dir.path().join(format!("www-{name}"));
@@ -140,7 +140,7 @@ impl Bed {
                 .stdin(Stdio::null())
                 .spawn()
                 .context("busybox httpd")?;
-            pod.httpd = Some(child);
+            pod.procs.push(child);
             wait_until(Duration::from_secs(5), || {
                 sh(&format!(
                     "ip netns exec {netns} curl -sS -m 1 http://{ip}:8080/"
@@ -151,6 +151,29 @@ impl Bed {
             .with_context(|| format!("httpd in {netns} answers"))?;
         }
         Ok(pod)
+    }
+
+    /// A UDP server on `port` in pod `i` that answers every datagram with the pod's name.
+    pub fn udp_server(&mut self, i: usize, port: u16) -> Result<()> {
+        let name = format!("b{}", i + 1);
+        let script = format!(
+            "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.bind(('0.0.0.0', {port}))\nwhile True:\n    d, a = s.recvfrom(100)\n    s.sendto(b'{name}', a)\n"
+        );
+        let pod = &mut self.pods[i];
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns, "python3", "-c", &script])
+            .stdin(Stdio::null())
+            .spawn()
+            .context("python3 UDP server")?;
+        pod.procs.push(child);
+        let (netns, ip) = (pod.netns.clone(), pod.ip);
+        wait_until(Duration::from_secs(5), || {
+            !sh(&format!("ip netns exec {netns} ss -Hlun 'sport = :{port}'"))
+                .stdout
+                .is_empty()
+        })
+        .with_context(|| format!("UDP server on {ip}:{port}"))
     }
 
     pub fn service_cidr(&self) -> String {
@@ -223,7 +246,7 @@ impl Drop for Bed {
             s.stop();
         }
         for p in self.pods.iter_mut() {
-            if let Some(mut c) = p.httpd.take() {
+            for mut c in p.procs.drain(..) {
                 let _ = c.kill();
                 let _ = c.wait();
             }
@@ -345,6 +368,17 @@ pub fn service(v: serde_json::Value) -> Service {
 
 pub fn slice(v: serde_json::Value) -> EndpointSlice {
     serde_json::from_value(v).expect("an EndpointSlice")
+}
+
+/// Sends one datagram from the node's `local` socket to ip:port; the answer, if any in 2 s.
+pub async fn udp_ask(local: &tokio::net::UdpSocket, ip: Ipv4Addr, port: u16) -> Option<String> {
+    local.send_to(b"?", (ip, port)).await.ok()?;
+    let mut buf = [0u8; 100];
+    let n = tokio::time::timeout(Duration::from_secs(2), local.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 pub async fn create_service(client: &kube::Client, v: serde_json::Value) -> Result<Service> {
