@@ -308,3 +308,33 @@ async fn udp_flows_move_off_a_removed_endpoint() -> Result<()> {
     assert_eq!(got.as_deref(), Some("b2"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_reaches_a_pod_on_its_bridge_through_a_service() -> Result<()> {
+    let mut bed = Bed::new(0).await?;
+    let (_p1, p2) = bed.bridged_pods()?;
+    let client = bed.client().await?;
+    let web = bed.service_ip(8);
+    create_service(
+        &client,
+        json!({"metadata": {"name": "web"}, "spec": {"clusterIP": web.to_string(),
+        "ports": [{"port": 80, "targetPort": 8080}]}}),
+    )
+    .await?;
+    create_slice(&client, json!({"metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "ports": [{"port": 8080}], "endpoints": [{"addresses": [p2.to_string()]}]}))
+    .await?;
+    let _proxy = bed.start_proxy().await?;
+    bed.wait_element("service-ips", &format!("{web} . tcp . 80 : goto service-"))
+        .await?;
+    // The reply p2 -> p1 is bridged, not routed: only br_netfilter lets conntrack undo the DNAT.
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")?.trim(),
+        "1"
+    );
+    let netns = format!("oxp-{}-p1", bed.x);
+    for _ in 0..5 {
+        assert_eq!(get_from(&netns, web, 80).await.as_deref(), Ok("p2"));
+    }
+    Ok(())
+}

@@ -153,6 +153,56 @@ impl Bed {
         Ok(pod)
     }
 
+    /// Two namespaces `oxp-X-p1`, `oxp-X-p2` on bridge `oxpXbr` (10.242.X.128/26, gateway .129
+    /// on the bridge), as a bridge CNI plugin wires pods; p2 serves HTTP on 8080. Their IPs.
+    pub fn bridged_pods(&mut self) -> Result<(Ipv4Addr, Ipv4Addr)> {
+        let x = self.x;
+        let br = format!("oxp{x}br");
+        let gw = Ipv4Addr::new(10, 242, x, 129);
+        sh_ok(&format!(
+            "ip link add {br} type bridge && ip addr add {gw}/26 dev {br} && ip link set {br} up && \
+             echo 1 > /proc/sys/net/ipv4/conf/{br}/forwarding"
+        ));
+        let mut ips = vec![];
+        for (k, name) in ["p1", "p2"].iter().enumerate() {
+            let netns = format!("oxp-{x}-{name}");
+            let host_if = format!("oxp{x}-{name}");
+            let ip = Ipv4Addr::new(10, 242, x, 130 + k as u8);
+            sh_ok(&format!(
+                "ip netns add {netns} && ip link add {host_if} type veth peer name {host_if}p && \
+                 ip link set {host_if}p netns {netns} && \
+                 ip -n {netns} link set {host_if}p name eth0 && ip -n {netns} link set lo up && \
+                 ip -n {netns} addr add {ip}/26 dev eth0 && ip -n {netns} link set eth0 up && \
+                 ip -n {netns} route add default via {gw} && \
+                 ip link set {host_if} master {br} && ip link set {host_if} up"
+            ));
+            ips.push(ip);
+        }
+        let www = self.dir.path().join("www-p2");
+        fs::create_dir_all(&www)?;
+        fs::write(www.join("index.html"), "p2")?;
+        let netns = format!("oxp-{x}-p2");
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &netns, "busybox", "httpd", "-f", "-p", "8080", "-h",
+            ])
+            .arg(&www)
+            .stdin(Stdio::null())
+            .spawn()
+            .context("busybox httpd")?;
+        self.client.procs.push(child);
+        let p2 = ips[1];
+        wait_until(Duration::from_secs(5), || {
+            sh(&format!(
+                "ip netns exec {netns} curl -sS -m 1 http://{p2}:8080/"
+            ))
+            .stdout
+                == b"p2"
+        })
+        .context("httpd in p2 answers")?;
+        Ok((ips[0], ips[1]))
+    }
+
     /// A UDP server on `port` in pod `i` that answers every datagram with the pod's name.
     pub fn udp_server(&mut self, i: usize, port: u16) -> Result<()> {
         let name = format!("b{}", i + 1);
@@ -245,7 +295,11 @@ impl Drop for Bed {
         if let Some(s) = self.server.take() {
             s.stop();
         }
-        for p in self.pods.iter_mut() {
+        for p in self
+            .pods
+            .iter_mut()
+            .chain(std::iter::once(&mut self.client))
+        {
             for mut c in p.procs.drain(..) {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -256,12 +310,13 @@ impl Drop for Bed {
     }
 }
 
-/// Everything X may have left: table, namespaces (their veths go with them).
+/// Everything X may have left: table, namespaces (their veths go with them), bridge.
 fn remove(x: u8) {
     let _ = sh(&format!(
         "nft delete table ip oxlet-proxy-test-{x} 2>/dev/null; \
          for n in $(ip netns list | awk '{{print $1}}' | grep '^oxp-{x}-'); do ip netns pids $n | xargs -r kill -9; ip netns del $n; done; \
-         for l in $(ip -o link show | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^oxp{x}-'); do ip link del $l; done; true"
+         for l in $(ip -o link show | awk -F': ' '{{print $2}}' | cut -d@ -f1 | grep '^oxp{x}-'); do ip link del $l; done; \
+         ip link del oxp{x}br 2>/dev/null; true"
     ));
 }
 
