@@ -159,6 +159,9 @@ async fn node_port_serves_the_node_address_from_the_node_and_from_outside() -> R
         matches!(from_ns.as_deref(), Ok("b1") | Ok("b2")),
         "{from_ns:?}"
     );
+    // Never on 127.0.0.1 (as upstream's nftables mode): nothing listens there.
+    let e = get("127.0.0.1".parse()?, np).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
     Ok(())
 }
 
@@ -335,6 +338,57 @@ async fn a_pod_reaches_a_pod_on_its_bridge_through_a_service() -> Result<()> {
     let netns = format!("oxp-{}-p1", bed.x);
     for _ in 0..5 {
         assert_eq!(get_from(&netns, web, 80).await.as_deref(), Ok("p2"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_ips_are_served() -> Result<()> {
+    let bed = Bed::new(2).await?;
+    let client = bed.client().await?;
+    // An address of the bed's service network that no Service owns as its ClusterIP.
+    let ext = bed.service_ip(14);
+    create_service(
+        &client,
+        web_service(&bed, "web", 9, json!({"externalIPs": [ext.to_string()]})),
+    )
+    .await?;
+    create_slice(&client, web_slice(&bed, "web", &[true, true])).await?;
+    let _proxy = bed.start_proxy().await?;
+    bed.wait_element("service-ips", &format!("{ext} . tcp . 80 : goto external-"))
+        .await?;
+    assert_eq!(bodies(ext, 80, 30).await, set(&["b1", "b2"]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_traffic_policies_keep_traffic_on_local_endpoints() -> Result<()> {
+    let bed = Bed::new(2).await?;
+    let client = bed.client().await?;
+    let np = bed.node_port(2);
+    let mut svc = web_service(
+        &bed,
+        "web",
+        10,
+        json!({"type": "NodePort", "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local"}),
+    );
+    svc["spec"]["ports"][0]["nodePort"] = json!(np);
+    create_service(&client, svc).await?;
+    // b1 runs on this node (node-a), b2 on another.
+    let mut slice = web_slice(&bed, "web", &[true, true]);
+    slice["endpoints"][1]["nodeName"] = json!("node-b");
+    create_slice(&client, slice).await?;
+    let _proxy = bed.start_proxy().await?;
+    let web = bed.service_ip(10);
+    bed.wait_element("service-ips", &format!("{web} . tcp . 80 : goto local-"))
+        .await?;
+    bed.wait_element("service-nodeports", &format!("tcp . {np} : goto external-"))
+        .await?;
+    assert_eq!(bodies(web, 80, 20).await, set(&["b1"]));
+    // From another machine, a Local NodePort goes to this node's endpoints only.
+    for _ in 0..10 {
+        let got = get_from(&bed.client.netns, bed.node_ip(), np).await;
+        assert_eq!(got.as_deref(), Ok("b1"));
     }
     Ok(())
 }

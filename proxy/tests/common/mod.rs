@@ -1,5 +1,5 @@
 //! Test bed on the real kernel: a claimed number X gives table `oxlet-proxy-test-X`, service
-//! network 10.110.X.0/28 (inside the API server's 10.96.0.0/12), pod links in 10.242.X.0/24 to
+//! network 10.110.X.0/28 (inside the API server's 10.96.0.0/12), links in 10.242.X.0/24 to
 //! network namespaces `oxp-X-*` with busybox httpd backends, and an API server in-process.
 //! Every address a test sends to is on this machine or in those namespaces; the service
 //! network is routed into the client namespace, so nothing can leave through the default route.
@@ -84,7 +84,7 @@ impl Bed {
             server: None,
             kubeconfig: PathBuf::new(),
         };
-        bed.client = bed.link("c", 0, false)?;
+        bed.client = bed.link("c", 32, false)?;
         // The service network goes into the client namespace (which drops it) if no rule DNATs it.
         sh_ok(&format!(
             "ip route replace {} dev {}",
@@ -153,12 +153,12 @@ impl Bed {
         Ok(pod)
     }
 
-    /// Two namespaces `oxp-X-p1`, `oxp-X-p2` on bridge `oxpXbr` (10.242.X.128/26, gateway .129
+    /// Two namespaces `oxp-X-p1`, `oxp-X-p2` on bridge `oxpXbr` (10.242.X.64/26, gateway .65
     /// on the bridge), as a bridge CNI plugin wires pods; p2 serves HTTP on 8080. Their IPs.
     pub fn bridged_pods(&mut self) -> Result<(Ipv4Addr, Ipv4Addr)> {
         let x = self.x;
         let br = format!("oxp{x}br");
-        let gw = Ipv4Addr::new(10, 242, x, 129);
+        let gw = Ipv4Addr::new(10, 242, x, 65);
         sh_ok(&format!(
             "ip link add {br} type bridge && ip addr add {gw}/26 dev {br} && ip link set {br} up && \
              echo 1 > /proc/sys/net/ipv4/conf/{br}/forwarding"
@@ -167,7 +167,7 @@ impl Bed {
         for (k, name) in ["p1", "p2"].iter().enumerate() {
             let netns = format!("oxp-{x}-{name}");
             let host_if = format!("oxp{x}-{name}");
-            let ip = Ipv4Addr::new(10, 242, x, 130 + k as u8);
+            let ip = Ipv4Addr::new(10, 242, x, 66 + k as u8);
             sh_ok(&format!(
                 "ip netns add {netns} && ip link add {host_if} type veth peer name {host_if}p && \
                  ip link set {host_if}p netns {netns} && \
@@ -233,8 +233,9 @@ impl Bed {
         assert!((1..15).contains(&i));
         Ipv4Addr::new(10, 110, self.x, i)
     }
+    /// The pods: backends (10.242.X.4-63) and bridged pods (10.242.X.64/26), not the client.
     pub fn cluster_cidr(&self) -> String {
-        format!("10.242.{}.0/24", self.x)
+        format!("10.242.{}.0/25", self.x)
     }
     /// A node address that serves NodePorts: the host side of the client's link.
     pub fn node_ip(&self) -> Ipv4Addr {
