@@ -30,6 +30,8 @@ pub struct Config {
     pub node_name: String,
     /// Changes within this period after the first one are applied together.
     pub min_sync_period: Duration,
+    /// Also without changes, the whole table is rewritten this often: repairs what others changed.
+    pub full_sync_period: Duration,
     /// Load br_netfilter and set bridge-nf-call-iptables=1.
     pub bridge_netfilter: bool,
 }
@@ -43,6 +45,7 @@ impl Config {
             nodeport_addresses: NodePortAddresses::Primary,
             node_name: node_name.into(),
             min_sync_period: Duration::from_millis(100),
+            full_sync_period: Duration::from_secs(3600),
             bridge_netfilter: true,
         }
     }
@@ -109,6 +112,7 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
         .map_err(|_| Error::WatchEnded)?;
     let mut syncer = Syncer::new();
     let mut synced_ports: Vec<model::ServicePort> = vec![];
+    let mut next_full = tokio::time::Instant::now() + cfg.full_sync_period;
     loop {
         let svcs = services.state();
         let eps = slices.state();
@@ -136,6 +140,11 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
         }
         tokio::select! {
             _ = changed.notified() => {}
+            _ = tokio::time::sleep_until(next_full) => {
+                syncer.forget();
+                next_full = tokio::time::Instant::now() + cfg.full_sync_period;
+                continue;
+            }
             _ = &mut watches.0 => return Err(Error::WatchEnded),
         }
         // Coalesce a burst: whatever else arrives meanwhile is in the stores when we read them.

@@ -29,6 +29,11 @@ impl Syncer {
         Syncer::default()
     }
 
+    /// Makes the next sync a full one (the kernel's table may have been changed by others).
+    pub fn forget(&mut self) {
+        self.applied = None;
+    }
+
     /// Makes the kernel's table equal to `desired` in one transaction. A partial transaction
     /// the kernel refuses is logged and retried as a full one.
     pub async fn sync(&mut self, desired: Ruleset) -> Result<Applied, Error> {

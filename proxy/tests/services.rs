@@ -94,6 +94,8 @@ async fn cluster_ip_balances_over_ready_endpoints_and_rejects_without_them() -> 
     // A port the Service does not have on its ClusterIP: refused too.
     let e = get(web, 81).await.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let e = get_from(&bed.client.netns, web, 81).await.unwrap_err();
+    assert!(e.contains("Couldn't connect"), "{e}");
     Ok(())
 }
 
@@ -390,5 +392,25 @@ async fn local_traffic_policies_keep_traffic_on_local_endpoints() -> Result<()> 
         let got = get_from(&bed.client.netns, bed.node_ip(), np).await;
         assert_eq!(got.as_deref(), Ok("b1"));
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_periodic_full_sync_repairs_the_table() -> Result<()> {
+    let bed = Bed::new(1).await?;
+    let client = bed.client().await?;
+    create_service(&client, web_service(&bed, "web", 11, json!({}))).await?;
+    create_slice(&client, web_slice(&bed, "web", &[true])).await?;
+    let mut cfg = bed.config();
+    cfg.full_sync_period = Duration::from_millis(500);
+    let _proxy = ProxyTask(tokio::spawn(proxy::run(client, cfg)));
+    let web = bed.service_ip(11);
+    let key = format!("{web} . tcp . 80 : goto service-");
+    bed.wait_element("service-ips", &key).await?;
+    // Someone else removes the table; no Service changes, yet it comes back.
+    proxy::cleanup(&bed.table).await?;
+    assert_eq!(bed.table_text(), "");
+    bed.wait_element("service-ips", &key).await?;
+    assert_eq!(get(web, 80).await?, "b1");
     Ok(())
 }
