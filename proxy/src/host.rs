@@ -55,7 +55,8 @@ pub async fn default_route_interfaces() -> Result<Vec<String>, Error> {
 /// Which node addresses serve NodePorts (`--nodeport-addresses`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodePortAddresses {
-    /// The addresses of the interfaces with a default route (loopback never).
+    /// The node's own InternalIPs from its Node object, or before it registers the addresses
+    /// of the interfaces with a default route (loopback never).
     Primary,
     /// The node's addresses inside these networks.
     Cidrs(Vec<Ipv4Net>),
@@ -79,7 +80,8 @@ impl std::str::FromStr for NodePortAddresses {
     }
 }
 
-/// The node's addresses that serve NodePorts; 127.0.0.0/8 never does (as upstream's nftables mode).
+/// The node's addresses that serve NodePorts, read from its interfaces (`Primary`: those with a
+/// default route); 127.0.0.0/8 never does (as upstream's nftables mode).
 pub async fn nodeport_ips(which: &NodePortAddresses) -> Result<Vec<Ipv4Addr>, Error> {
     let addrs = ipv4_addresses().await?;
     let mut ips: Vec<Ipv4Addr> = match which {

@@ -1,12 +1,13 @@
 //! The watch loop: reflectors on Services and EndpointSlices; every burst of changes becomes one
 //! level-triggered sync of the whole desired table (only the difference reaches the kernel).
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{stream, StreamExt};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Api;
@@ -60,6 +61,45 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The IPv4 InternalIPs of Node `name` that are this machine's own (upstream's "primary" node
+/// IPs); None when the Node cannot be read (not registered yet): the caller falls back.
+async fn node_internal_ips(client: &kube::Client, name: &str) -> Option<Vec<Ipv4Addr>> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = match tokio::time::timeout(Duration::from_secs(10), nodes.get_opt(name)).await {
+        Ok(Ok(Some(n))) => n,
+        Ok(Ok(None)) => {
+            info!(
+                node = name,
+                "no Node object yet: NodePorts on the default-route interface's addresses"
+            );
+            return None;
+        }
+        Ok(Err(e)) => {
+            warn!(node = name, error = %e, "reading the Node");
+            return None;
+        }
+        Err(_) => {
+            warn!(node = name, "reading the Node timed out");
+            return None;
+        }
+    };
+    let local: Vec<Ipv4Addr> = host::ipv4_addresses()
+        .await
+        .ok()?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
+    let ips: Vec<Ipv4Addr> = node
+        .status?
+        .addresses?
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .filter(|ip: &Ipv4Addr| local.contains(ip) && !ip.is_loopback())
+        .collect();
+    Some(ips)
+}
+
 /// Keeps table `cfg.table` in sync with the cluster's Services and EndpointSlices until the
 /// future is dropped or the watches end; the rules stay in place afterwards.
 pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
@@ -68,7 +108,13 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
             warn!(error = %e, "bridged pod traffic to Services on one bridge will not be proxied");
         }
     }
-    let nodeport_ips = host::nodeport_ips(&cfg.nodeport_addresses).await?;
+    let nodeport_ips = match &cfg.nodeport_addresses {
+        NodePortAddresses::Primary => match node_internal_ips(&client, &cfg.node_name).await {
+            Some(ips) if !ips.is_empty() => ips,
+            _ => host::nodeport_ips(&cfg.nodeport_addresses).await?,
+        },
+        other => host::nodeport_ips(other).await?,
+    };
     if nodeport_ips.is_empty() {
         warn!(addresses = ?cfg.nodeport_addresses, "no node address serves NodePorts");
     }

@@ -414,3 +414,35 @@ async fn a_periodic_full_sync_repairs_the_table() -> Result<()> {
     assert_eq!(get(web, 80).await?, "b1");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_node_port_addresses_come_from_the_node_object() -> Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::PostParams;
+    let bed = Bed::new(0).await?;
+    let client = bed.client().await?;
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"}}))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    // One InternalIP of this machine, one that is not (ignored), one ExternalIP (ignored).
+    let status = json!({"status": {"addresses": [
+        {"type": "InternalIP", "address": bed.node_ip().to_string()},
+        {"type": "InternalIP", "address": "192.0.2.254"},
+        {"type": "ExternalIP", "address": "127.0.0.1"}]}});
+    nodes
+        .patch_status("node-a", &PatchParams::default(), &Patch::Merge(status))
+        .await?;
+    let mut cfg = bed.config();
+    cfg.nodeport_addresses = proxy::NodePortAddresses::Primary;
+    let _proxy = ProxyTask(tokio::spawn(proxy::run(client, cfg)));
+    wait_for(Duration::from_secs(10), || {
+        bed.set("nodeport-ips").contains("elements")
+    })
+    .await?;
+    let set = bed.set("nodeport-ips");
+    assert!(
+        set.contains(&format!("elements = {{ {} }}", bed.node_ip())),
+        "{set}"
+    );
+    Ok(())
+}
