@@ -4,6 +4,9 @@
 //!
 //!     cargo run --release -p oxlet-proxy --example sync_bench -- 1000 5000 10000
 //!
+//! `EMIT=/tmp/x sync_bench N` writes the full text (`/tmp/x.full`) and the one-change diff
+//! (`/tmp/x.diff`) for N services instead, to time single nft commands by hand.
+//!
 //! Runs as root; it owns tables `oxlet-proxy-bench-*` (removed at the end) and programs only
 //! addresses in 10.100.0.0/16 and 10.101.0.0/16, to which nothing is sent.
 
@@ -99,6 +102,19 @@ async fn main() {
         sizes
     };
     let pid = std::process::id();
+    if let Ok(path) = std::env::var("EMIT") {
+        let lay = Layout {
+            table: "oxlet-proxy-bench-emit".into(),
+            service_cidr: "10.100.0.0/16".parse().unwrap(),
+            cluster_cidr: "10.101.0.0/16".parse().unwrap(),
+            nodeport_ips: vec![],
+        };
+        let a = layout::build(&lay, &ports(sizes[0], false));
+        let b = layout::build(&lay, &ports(sizes[0], true));
+        std::fs::write(format!("{path}.full"), a.render_full()).unwrap();
+        std::fs::write(format!("{path}.diff"), b.render_diff(&a).unwrap()).unwrap();
+        return;
+    }
     println!("| services | oxlet full | upstream full | ratio | oxlet 1 change | upstream 1 change | ratio | build+render (oxlet, N) |");
     println!("|---|---|---|---|---|---|---|---|");
     for n in sizes {
