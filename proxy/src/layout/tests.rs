@@ -38,7 +38,7 @@ fn web(eps: &[(&str, bool)]) -> ServicePort {
 
 /// The lines of the full rendering that mention `what`.
 fn lines_with(r: &Ruleset, what: &str) -> Vec<String> {
-    r.render_full()
+    r.render_commands()
         .lines()
         .filter(|l| l.contains(what))
         .map(str::to_string)
@@ -48,7 +48,7 @@ fn lines_with(r: &Ruleset, what: &str) -> Vec<String> {
 #[test]
 fn base_chains_and_fixed_rules() {
     let r = build(&layout(), &[]);
-    let text = r.render_full();
+    let text = r.render_commands();
     for line in [
         "add chain ip t filter-input { type filter hook input priority -110 ; }",
         "add chain ip t filter-forward { type filter hook forward priority -110 ; }",
@@ -97,7 +97,7 @@ add element ip t service-ips {{ 10.96.0.10 . tcp . 80 : goto {svc} }}
 add element ip t service-nodeports {{ tcp . 30080 : goto {ext} }}
 "
     );
-    let text = r.render_full();
+    let text = r.render_commands();
     let ours: String = text
         .lines()
         .filter(|l| {
