@@ -10,21 +10,25 @@ use tracing::{debug, warn};
 
 use crate::model::{Protocol, ServicePort};
 
-/// A UDP flow target whose entries must go: traffic to `service` DNATed to `endpoint`.
+/// A UDP flow target whose entries must go: traffic to `service` (any node address for a
+/// NodePort: None) and `port`, DNATed to `endpoint`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct StaleFlow {
-    pub service: Ipv4Addr,
+    pub service: Option<Ipv4Addr>,
     pub port: u16,
     pub endpoint: Ipv4Addr,
 }
 
-/// Per UDP service address and port (ClusterIP and external IPs), the endpoint addresses.
-fn udp_targets(ports: &[ServicePort]) -> BTreeMap<(Ipv4Addr, u16), BTreeSet<Ipv4Addr>> {
-    let mut out: BTreeMap<(Ipv4Addr, u16), BTreeSet<Ipv4Addr>> = BTreeMap::new();
+/// Per UDP service address (None: NodePort) and port, the endpoint addresses.
+fn udp_targets(ports: &[ServicePort]) -> BTreeMap<(Option<Ipv4Addr>, u16), BTreeSet<Ipv4Addr>> {
+    let mut out: BTreeMap<(Option<Ipv4Addr>, u16), BTreeSet<Ipv4Addr>> = BTreeMap::new();
     for p in ports.iter().filter(|p| p.id.protocol == Protocol::Udp) {
         let eps: BTreeSet<Ipv4Addr> = p.endpoints.iter().map(|e| e.ip).collect();
         for ip in std::iter::once(&p.cluster_ip).chain(&p.external_ips) {
-            out.entry((*ip, p.port)).or_default().extend(&eps);
+            out.entry((Some(*ip), p.port)).or_default().extend(&eps);
+        }
+        if let Some(np) = p.node_port {
+            out.entry((None, np)).or_default().extend(&eps);
         }
     }
     out
@@ -53,9 +57,12 @@ pub fn stale_flows(old: &[ServicePort], new: &[ServicePort]) -> Vec<StaleFlow> {
 /// until its entry times out).
 pub async fn clear(flows: &[StaleFlow]) {
     for f in flows {
-        let out = Command::new("conntrack")
-            .args(["-D", "-p", "udp", "--orig-dst"])
-            .arg(f.service.to_string())
+        let mut cmd = Command::new("conntrack");
+        cmd.args(["-D", "-p", "udp"]);
+        if let Some(ip) = f.service {
+            cmd.arg("--orig-dst").arg(ip.to_string());
+        }
+        let out = cmd
             .arg("--orig-port-dst")
             .arg(f.port.to_string())
             .arg("--dst-nat")
@@ -118,14 +125,25 @@ mod tests {
         assert_eq!(
             flows,
             vec![StaleFlow {
-                service: "10.96.0.10".parse().unwrap(),
+                service: Some("10.96.0.10".parse().unwrap()),
                 port: 53,
                 endpoint: "10.244.0.2".parse().unwrap()
             }]
         );
         assert!(stale_flows(&[udp(&["10.244.0.2"])], &[udp(&["10.244.0.2"])]).is_empty());
-        // A removed Service's flows go too; TCP ones are left to the endpoint's resets.
+        // A removed Service's flows go too, its NodePort's included; TCP ones are left to the
+        // endpoint's resets.
         assert_eq!(stale_flows(&[udp(&["10.244.0.2"])], &[]).len(), 1);
+        let mut np = udp(&["10.244.0.2"]);
+        np.node_port = Some(30053);
+        assert_eq!(
+            stale_flows(&[np], &[])[0],
+            StaleFlow {
+                service: None,
+                port: 30053,
+                endpoint: "10.244.0.2".parse().unwrap()
+            }
+        );
         let mut tcp = udp(&["10.244.0.2"]);
         tcp.id.protocol = Protocol::Tcp;
         assert!(stale_flows(&[tcp], &[]).is_empty());
