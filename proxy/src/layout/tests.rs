@@ -136,13 +136,18 @@ fn each_of_n_endpoints_gets_one_chance_in_n() {
             "goto endpoint-779e7f54-ns/web/tcp/http__10.244.0.4/8080"
         ]
     );
-    // 1/4, then 3/4 * 1/3, then 3/4 * 2/3 * 1/2, then the rest: all 1/4.
+    // The chance each rule's endpoint gets, from the moduli in the rules (a plain goto: 1).
     let mut left = 1.0_f64;
-    for n in [4.0, 3.0, 2.0, 1.0] {
+    for pick in &picks {
+        let n: f64 = pick
+            .strip_prefix("numgen random mod ")
+            .and_then(|r| r.strip_suffix(" == 0"))
+            .map_or(1.0, |n| n.parse().unwrap());
         let p = left / n;
-        assert!((p - 0.25).abs() < 1e-12);
+        assert!((p - 0.25).abs() < 1e-12, "{pick}: {p}");
         left -= p;
     }
+    assert!(left.abs() < 1e-12);
 }
 
 #[test]
