@@ -446,3 +446,39 @@ async fn primary_node_port_addresses_come_from_the_node_object() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unallocated_service_addresses_are_dropped_not_routed() -> Result<()> {
+    let bed = Bed::new(0).await?;
+    let unallocated = bed.service_ip(13);
+    let dev = bed.client.host_if.clone();
+    // Whether the node tried to send to the address on its route (it resolves the neighbor).
+    let routed = || {
+        let out = sh_ok(&format!("ip neigh show {unallocated} dev {dev}"));
+        !out.trim().is_empty()
+    };
+    let attempt = || async {
+        let _ = get(unallocated, 80).await;
+        let _ = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &bed.client.netns, "curl", "-sS", "-m", "1"])
+            .arg(format!("http://{unallocated}/"))
+            .output()
+            .await;
+    };
+    // Without the proxy the node routes it (here into the client namespace, never further).
+    attempt().await;
+    assert!(routed(), "the control attempt was not routed");
+    sh_ok(&format!("ip neigh flush dev {dev}"));
+
+    let client = bed.client().await?;
+    create_service(&client, web_service(&bed, "web", 1, json!({}))).await?;
+    let _proxy = bed.start_proxy().await?;
+    bed.wait_element(
+        "no-endpoint-services",
+        &format!("{} . tcp . 80", bed.service_ip(1)),
+    )
+    .await?;
+    attempt().await;
+    assert!(!routed(), "{}", sh_ok(&format!("ip neigh show dev {dev}")));
+    Ok(())
+}
