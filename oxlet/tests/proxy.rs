@@ -3,6 +3,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Service;
+
 fn oxlet() -> Command {
     Command::new(env!("CARGO_BIN_EXE_oxlet"))
 }
@@ -43,6 +45,25 @@ async fn proxy_programs_the_table_leaves_it_on_exit_and_cleanup_removes_it() {
     let server = control::start(cfg).await.unwrap();
     let r: u16 = rand_u16();
     let table = format!("oxlet-proxy-cmd-{r}");
+    // Only an address of this test's own: no `kubernetes` Service (10.96.0.1), one without
+    // endpoints in 10.111.N.0/28 instead.
+    let client = {
+        let kc = kube::config::Kubeconfig::read_from(&server.kubeconfig).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(cfg).unwrap()
+    };
+    let services: kube::Api<Service> = kube::Api::namespaced(client, "default");
+    services
+        .delete("kubernetes", &Default::default())
+        .await
+        .unwrap();
+    let ip = format!("10.111.{}.1", r % 256);
+    let svc: Service = serde_json::from_value(serde_json::json!({"metadata": {"name": "lonely"},
+        "spec": {"clusterIP": ip, "ports": [{"port": 80}]}}))
+    .unwrap();
+    services.create(&Default::default(), &svc).await.unwrap();
     let mut guard = Guard {
         child: None,
         table: table.clone(),
@@ -60,12 +81,12 @@ async fn proxy_programs_the_table_leaves_it_on_exit_and_cleanup_removes_it() {
     let pid = child.id() as i32;
     guard.child = Some(child);
 
-    // The API server's own `kubernetes` Service has no EndpointSlice: it is rejected.
+    // A Service without an EndpointSlice is rejected.
     let t0 = Instant::now();
-    while !table_text(&table).contains("10.96.0.1 . tcp . 443 : goto reject-chain") {
+    while !table_text(&table).contains(&format!("{ip} . tcp . 80 : goto reject-chain")) {
         assert!(
             t0.elapsed() < Duration::from_secs(20),
-            "no rule for 10.96.0.1:\n{}",
+            "no rule for {ip}:\n{}",
             table_text(&table)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -102,6 +102,12 @@ impl Bed {
         let server = control::start(cfg).await?;
         bed.kubeconfig = server.kubeconfig.clone();
         bed.server = Some(server);
+        // Its 10.96.0.1 is every bed's: a test's table handles only the test's own addresses.
+        let services: Api<Service> = Api::namespaced(bed.client().await?, "default");
+        services
+            .delete("kubernetes", &Default::default())
+            .await
+            .context("deleting Service kubernetes")?;
         Ok(bed)
     }
 
