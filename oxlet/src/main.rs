@@ -1,6 +1,7 @@
 //! The `oxlet` command.
 
 mod image_cmd;
+mod proxy_cmd;
 mod run_cmd;
 
 use anyhow::Result;
@@ -51,6 +52,9 @@ enum Command {
     },
     /// Run one container from an image (or an OCI bundle) and exit with its exit code.
     Run(run_cmd::RunArgs),
+    /// Run the node's kube-proxy: Services and EndpointSlices into nftables (table ip oxlet-proxy)
+    /// until SIGTERM or Ctrl-C; the rules stay in place after it stops.
+    Proxy(proxy_cmd::ProxyArgs),
     /// Write a kubeconfig for the agent of another machine: a client certificate for node NAME
     /// (user system:node:NAME, group system:nodes) from this control plane's CA.
     NodeKubeconfig {
@@ -128,6 +132,7 @@ fn main() -> Result<()> {
             eprintln!("wrote {} for node {name}", output.display());
             Ok(())
         }
+        Command::Proxy(args) => proxy_cmd::run(args),
         Command::Run(args) => {
             let code = run_cmd::run(&cli.data_dir, args)?;
             std::process::exit(code)
