@@ -43,6 +43,67 @@ pub async fn bootstrap(reg: &Registry) -> Result<(), crate::status::ApiError> {
     Ok(())
 }
 
+/// The address other machines and pods reach this server at: the listen address when it is a
+/// specific one, else the IPv4 address of the default-route interface; none on loopback.
+pub fn advertise_address(listen: std::net::SocketAddr) -> Option<std::net::Ipv4Addr> {
+    match listen.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_loopback() => None,
+        std::net::IpAddr::V4(v4) if !v4.is_unspecified() => Some(v4),
+        _ => {
+            let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+            let iface = routes
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() > 2 && f[1] == "00000000")
+                .map(|f| f[0].to_string())?;
+            nix::ifaddrs::getifaddrs()
+                .ok()?
+                .filter(|i| i.interface_name == iface)
+                .find_map(|i| i.address?.as_sockaddr_in().map(|a| a.ip()))
+        }
+    }
+}
+
+/// Points the `kubernetes` service at this server, as kube-apiserver's endpoint reconciler
+/// does: the Endpoints and the EndpointSlice named `kubernetes` with `ip`:`port`.
+pub async fn kubernetes_endpoints(
+    reg: &Registry,
+    ip: std::net::Ipv4Addr,
+    port: u16,
+) -> Result<(), crate::status::ApiError> {
+    let ip = ip.to_string();
+    let ep = json!({"metadata": {"name": "kubernetes", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+        "subsets": [{"addresses": [{"ip": ip}], "ports": [{"name": "https", "port": port, "protocol": "TCP"}]}]});
+    let slice = json!({"metadata": {"name": "kubernetes", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}]});
+    for (rt, mut want) in [
+        (resources::get("", "endpoints"), ep),
+        (resources::get("discovery.k8s.io", "endpointslices"), slice),
+    ] {
+        match reg.get(rt, Some("default"), "kubernetes") {
+            Ok(cur) => {
+                let same = ["subsets", "endpoints", "ports"]
+                    .iter()
+                    .all(|k| cur.get(*k) == want.get(*k));
+                if !same {
+                    want["metadata"]["resourceVersion"] =
+                        cur["metadata"]["resourceVersion"].clone();
+                    reg.update(rt, Some("default"), "kubernetes", want, false, Write::NONE)?;
+                }
+            }
+            Err(_) => match reg.create(rt, Some("default"), want, Write::NONE).await {
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {}
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    Ok(())
+}
+
 /// Deletes everything in namespace `ns`, then the namespace. Pods go at once (there is no
 /// grace for content of a deleted namespace in this first version).
 pub fn finish(reg: &Registry, ns: &str) {

@@ -147,6 +147,9 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
         pki.issue_node("node", &host)?;
     }
     crate::namespaces::bootstrap(&reg).await?;
+    if let Some(ip) = crate::namespaces::advertise_address(addr) {
+        crate::namespaces::kubernetes_endpoints(&reg, ip, addr.port()).await?;
+    }
     let ca_pem = pki.ca_pem()?;
     for ns in crate::namespaces::BUILTIN {
         crate::namespaces::populate(&reg, ns, &ca_pem).await;

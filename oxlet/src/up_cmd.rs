@@ -1,0 +1,115 @@
+//! `oxlet up`: the single-node cluster in one process. The control plane (API server,
+//! controllers, scheduler) and the node's kube-proxy, each speaking the Kubernetes API through
+//! an in-process client under its own identity.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use control::certs::Identity;
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// HTTPS port of the API server.
+    #[arg(long, default_value_t = 6443)]
+    port: u16,
+    /// Where to write the admin kubeconfig.
+    #[arg(long, default_value = "/etc/oxlet/admin.kubeconfig")]
+    kubeconfig: PathBuf,
+    /// Pod addresses: each node gets a range of it as spec.podCIDR.
+    #[arg(long, default_value = "10.244.0.0/16", value_parser = parse_cidr)]
+    cluster_cidr: (std::net::Ipv4Addr, u8),
+    /// Prefix length of each node's pod range.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
+    /// How long a node may go without renewing its Lease before it is Ready=Unknown
+    /// (e.g. 50s, 2m).
+    #[arg(long, default_value = "50s", value_parser = parse_duration)]
+    node_monitor_grace_period: Duration,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Node addresses that serve NodePorts: `primary` or comma-separated CIDRs.
+    #[arg(long, default_value = "primary")]
+    nodeport_addresses: String,
+    /// Run without the node's kube-proxy (no nftables rules for Services).
+    #[arg(long)]
+    no_proxy: bool,
+}
+
+fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (ip, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not an IPv4 CIDR such as 10.244.0.0/16"))?;
+    let ip = ip.parse().map_err(|e| format!("{ip:?}: {e}"))?;
+    let len: u8 = len.parse().map_err(|e| format!("{len:?}: {e}"))?;
+    if len > 32 {
+        return Err(format!("prefix length {len} is more than 32"));
+    }
+    Ok((ip, len))
+}
+
+/// `50s`, `2m`, `1h` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 50s or 2m"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (s, m or h)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut cfg = control::Config::new(data_dir);
+        cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
+        cfg.kubeconfig = args.kubeconfig;
+        cfg.controller_cfg.cluster_cidr = args.cluster_cidr;
+        cfg.controller_cfg.node_cidr_mask = args.node_cidr_mask_size;
+        cfg.controller_cfg.node_monitor_grace_period = args.node_monitor_grace_period;
+        let node = match args.node_name {
+            Some(n) => n,
+            None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
+        };
+        let server = control::start(cfg)
+            .await
+            .context("starting the control plane")?;
+        eprintln!(
+            "oxlet control plane (API server, controllers, scheduler) on https://{}\n\
+             kubeconfig: {} (e.g. kubectl --kubeconfig {} get nodes)",
+            server.addr,
+            server.kubeconfig.display(),
+            server.kubeconfig.display()
+        );
+        let mut parts = tokio::task::JoinSet::new();
+        if !args.no_proxy {
+            let mut pcfg = proxy::Config::new(node.clone());
+            let (ip, len) = args.cluster_cidr;
+            pcfg.cluster_cidr = format!("{ip}/{len}").parse().context("--cluster-cidr")?;
+            pcfg.nodeport_addresses = args.nodeport_addresses.parse()?;
+            let client = server.client(Identity::component("system:kube-proxy"));
+            parts.spawn(async move {
+                if let Err(e) = proxy::run(client, pcfg).await {
+                    tracing::error!("kube-proxy stopped: {e}");
+                }
+            });
+            eprintln!("kube-proxy: nftables table ip oxlet-proxy");
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        // The proxy's rules stay in place, as kube-proxy's do when it stops.
+        parts.abort_all();
+        server.stop();
+        Ok(())
+    })
+}
