@@ -38,7 +38,13 @@ pub async fn node(client: &Client, name: &str, cpu: &str, memory: &str) -> Resul
     let node: Node = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
     }))?;
-    nodes.create(&PostParams::default(), &node).await?;
+    match nodes.create(&PostParams::default(), &node).await {
+        // A restarted kubelet finds its Node.
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        r => {
+            r?;
+        }
+    }
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     let status = json!({"status": {
         "capacity": {"cpu": cpu, "memory": memory, "pods": "2000"},
