@@ -1,0 +1,328 @@
+//! One worker per pod UID (kubelet's pod workers): fed the newest version of its pod through a
+//! coalescing channel, it moves one way through syncing -> terminating -> terminated. Each sync
+//! reads container state from the runtime, starts what should run, and reports status when it
+//! changed.
+
+use crate::pod_runtime::PodRuntime;
+use crate::status::{self, Backoff, PodSnapshot, Restart, RunState, Waiting};
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use runtime::image::Image;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// What the dispatcher tells a worker: the newest pod, or that the object is gone.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Pod(Arc<Pod>),
+    Gone,
+}
+
+/// Where a worker is in a pod's life; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Syncing,
+    Terminating,
+    Terminated,
+}
+
+struct PullFailure {
+    failures: u32,
+    retry_at: Instant,
+    message: String,
+}
+
+pub struct Worker {
+    ctx: Arc<PodRuntime>,
+    client: kube::Client,
+    uid: String,
+    pod: Arc<Pod>,
+    rx: watch::Receiver<Update>,
+    lifecycle: Lifecycle,
+    waiting: BTreeMap<String, Waiting>,
+    pulls: HashMap<String, PullFailure>,
+    reported: Option<PodStatus>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> crate::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await?)
+}
+
+impl Worker {
+    pub fn new(
+        ctx: Arc<PodRuntime>,
+        client: kube::Client,
+        pod: Arc<Pod>,
+        rx: watch::Receiver<Update>,
+    ) -> Self {
+        Self {
+            ctx,
+            client,
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            pod,
+            rx,
+            lifecycle: Lifecycle::Syncing,
+            waiting: BTreeMap::new(),
+            pulls: HashMap::new(),
+            reported: None,
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.ctx.cfg.backoff_base,
+            max: self.ctx.cfg.backoff_max,
+        }
+    }
+
+    fn api(&self) -> Api<Pod> {
+        let ns = self.pod.metadata.namespace.as_deref().unwrap_or("default");
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// Runs until the pod is terminated; returns its UID.
+    pub async fn run(mut self) -> String {
+        let mut object_exists = true;
+        loop {
+            match self.lifecycle {
+                Lifecycle::Syncing => {
+                    match self.rx.borrow_and_update().clone() {
+                        Update::Pod(p) => self.pod = p,
+                        Update::Gone => object_exists = false,
+                    }
+                    if !object_exists || self.pod.metadata.deletion_timestamp.is_some() {
+                        self.lifecycle = Lifecycle::Terminating;
+                        continue;
+                    }
+                    if let Err(e) = self.sync().await {
+                        tracing::warn!(pod = %self.uid, error = %e, "sync pod");
+                    }
+                    let resync = self.ctx.cfg.pod_resync;
+                    tokio::select! {
+                        changed = self.rx.changed() => if changed.is_err() { return self.uid },
+                        _ = tokio::time::sleep(resync) => {}
+                    }
+                }
+                Lifecycle::Terminating => {
+                    self.terminate(object_exists).await;
+                    self.lifecycle = Lifecycle::Terminated;
+                }
+                Lifecycle::Terminated => return self.uid,
+            }
+        }
+    }
+
+    async fn snapshot(&self) -> crate::Result<PodSnapshot> {
+        let ctx = self.ctx.clone();
+        let uid = self.uid.clone();
+        let mut snap = blocking(move || ctx.snapshot(&uid)).await?;
+        snap.waiting = self.waiting.clone();
+        Ok(snap)
+    }
+
+    async fn sync(&mut self) -> crate::Result<()> {
+        let terminal = |s: Option<&PodStatus>| s.is_some_and(status::is_terminal);
+        if terminal(self.pod.status.as_ref()) || terminal(self.reported.as_ref()) {
+            // A Succeeded or Failed pod never runs again; it waits for deletion.
+            return Ok(());
+        }
+        let (ctx, pod) = (self.ctx.clone(), self.pod.clone());
+        let ensured = blocking(move || ctx.ensure_pod(&pod)).await?;
+        if let Err(e) = ensured {
+            self.report(self.snapshot().await?).await;
+            return Err(e);
+        }
+        let snap = self.snapshot().await?;
+        let before = self.compute(&snap);
+        if status::is_terminal(&before) {
+            self.report(snap).await;
+            return Ok(());
+        }
+        self.start_containers(&snap).await?;
+        let snap = self.snapshot().await?;
+        self.report(snap).await;
+        Ok(())
+    }
+
+    /// Starts init containers one at a time in order, then every app container that is not
+    /// there yet or whose restart is due.
+    async fn start_containers(&mut self, snap: &PodSnapshot) -> crate::Result<()> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let now = Timestamp::now();
+        let b = self.backoff();
+        for c in spec.init_containers.iter().flatten() {
+            match snap.containers.get(&c.name) {
+                None => return self.start(c, 0).await,
+                Some(rec) => match &rec.current.state {
+                    RunState::Exited { exit_code: 0, .. } => continue,
+                    RunState::Exited { .. } => {
+                        if status::restart(&self.pod, rec, true, b, now) == Restart::Now {
+                            self.start(c, rec.current.attempt + 1).await?;
+                        }
+                        return Ok(());
+                    }
+                    _ => return Ok(()),
+                },
+            }
+        }
+        for c in &spec.containers {
+            match snap.containers.get(&c.name) {
+                None => self.start(c, 0).await?,
+                Some(rec) => {
+                    if status::restart(&self.pod, rec, false, b, now) == Restart::Now {
+                        self.start(c, rec.current.attempt + 1).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, c: &Container, attempt: u32) -> crate::Result<()> {
+        let Some(image) = self.image(c).await else {
+            return Ok(());
+        };
+        let (ctx, pod, c2) = (self.ctx.clone(), self.pod.clone(), c.clone());
+        match blocking(move || ctx.start_container(&pod, &c2, attempt, &image)).await? {
+            Ok(()) => {
+                tracing::info!(pod = %self.uid, container = %c.name, attempt, "started container");
+                self.waiting.remove(&c.name);
+            }
+            Err((reason, message)) => {
+                tracing::warn!(pod = %self.uid, container = %c.name, %reason, %message, "start container");
+                self.waiting
+                    .insert(c.name.clone(), Waiting { reason, message });
+            }
+        }
+        Ok(())
+    }
+
+    /// The container's image, or `None` with the reason recorded (and image pull back-off).
+    async fn image(&mut self, c: &Container) -> Option<Image> {
+        let reference = c.image.clone().unwrap_or_default();
+        if let Some(f) = self.pulls.get(&reference) {
+            if Instant::now() < f.retry_at {
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "ImagePullBackOff".into(),
+                        message: format!("Back-off pulling image {reference:?}: {}", f.message),
+                    },
+                );
+                return None;
+            }
+        }
+        match self.ctx.ensure_image(c).await {
+            Ok(img) => {
+                self.pulls.remove(&reference);
+                Some(img)
+            }
+            Err(e) => {
+                let reason = e.reason().to_string();
+                let message = e.to_string();
+                tracing::warn!(pod = %self.uid, image = %reference, %reason, %message, "image");
+                if reason == "ErrImagePull" {
+                    let failures = self.pulls.get(&reference).map_or(0, |f| f.failures) + 1;
+                    let delay = self.backoff().delay(failures, None);
+                    self.pulls.insert(
+                        reference,
+                        PullFailure {
+                            failures,
+                            retry_at: Instant::now() + delay,
+                            message: format!("{reason}: {message}"),
+                        },
+                    );
+                }
+                self.waiting
+                    .insert(c.name.clone(), Waiting { reason, message });
+                None
+            }
+        }
+    }
+
+    fn compute(&self, snap: &PodSnapshot) -> PodStatus {
+        // Times are carried over from what was last reported, which the watch may not show yet.
+        let mut pod = (*self.pod).clone();
+        if let Some(r) = &self.reported {
+            pod.status = Some(r.clone());
+        }
+        let host_ip = self.ctx.host_ip.to_string();
+        status::pod_status(&pod, snap, &host_ip, self.backoff(), Timestamp::now())
+    }
+
+    /// Patches `pods/status` when the status differs from the last one reported.
+    async fn report(&mut self, snap: PodSnapshot) {
+        let status = self.compute(&snap);
+        if self.reported.as_ref() == Some(&status) {
+            return;
+        }
+        let name = self.pod.metadata.name.clone().unwrap_or_default();
+        let patch = serde_json::json!({ "status": status });
+        match self
+            .api()
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.reported = Some(status),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => tracing::warn!(pod = %self.uid, error = %e, "patch pod status"),
+        }
+    }
+
+    /// Stops the containers with the grace period, removes network, sandbox and cgroup, then
+    /// deletes the pod object (the API server waits for this to finish graceful deletion).
+    async fn terminate(&mut self, object_exists: bool) {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let grace = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or(spec.termination_grace_period_seconds)
+            .unwrap_or(30)
+            .max(0) as u64;
+        tracing::info!(pod = %self.uid, grace, "killing pod");
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let ctx = self.ctx.clone();
+            let uid = self.uid.clone();
+            let done = blocking(move || {
+                ctx.stop_all(&uid, Duration::from_secs(grace));
+                ctx.teardown(&uid)
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) | Err(e) => {
+                    tracing::warn!(pod = %self.uid, error = %e, "tear down pod; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        if !object_exists {
+            return;
+        }
+        let name = self.pod.metadata.name.clone().unwrap_or_default();
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(self.uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        for _ in 0..10 {
+            match self.api().delete(&name, &params).await {
+                Ok(_) => return,
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return,
+                Err(e) => {
+                    tracing::warn!(pod = %self.uid, error = %e, "delete pod");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
