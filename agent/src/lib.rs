@@ -120,8 +120,15 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
     network::ensure_default_config(&cfg, pod_cidr.as_deref())?;
     let host_ip = node::internal_ip(&cfg);
     let ctx = Arc::new(pod_runtime::PodRuntime::new(&cfg, host_ip)?);
-    let heartbeat = tokio::spawn(node::heartbeat(client.clone(), cfg.clone()));
-    let pods = pods::run(client, cfg, ctx).await;
-    heartbeat.abort();
-    pods
+    let _heartbeat = AbortOnDrop(tokio::spawn(node::heartbeat(client.clone(), cfg.clone())));
+    pods::run(client, cfg, ctx).await
+}
+
+/// Stops a background task when the future that started it is dropped (an aborted agent).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
