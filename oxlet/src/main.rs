@@ -1,5 +1,6 @@
 //! The `oxlet` command.
 
+mod agent_cmd;
 mod image_cmd;
 mod run_cmd;
 
@@ -39,6 +40,8 @@ enum Command {
         #[arg(long, default_value = "/etc/oxlet/admin.kubeconfig")]
         kubeconfig: std::path::PathBuf,
     },
+    /// Run the node agent: register this node and run the pods bound to it.
+    Agent(agent_cmd::AgentArgs),
     /// Run one container from an image (or an OCI bundle) and exit with its exit code.
     Run(run_cmd::RunArgs),
     /// Write a kubeconfig for the agent of another machine: a client certificate for node NAME
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Image(cmd) => image_cmd::run(&cli.data_dir, cmd),
+        Command::Agent(args) => agent_cmd::run(&cli.data_dir, args),
         Command::Up { port, kubeconfig } => {
             let mut cfg = control::Config::new(&cli.data_dir);
             cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], port));
