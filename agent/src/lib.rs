@@ -2,6 +2,7 @@
 //! runs the pods bound to this node through `runtime::cri` and `cni::client`, and reports
 //! their status as kubelet does.
 
+pub mod events;
 pub mod network;
 pub mod node;
 pub mod pod_runtime;

@@ -76,6 +76,21 @@ pub fn image_id(img: &Image) -> String {
     format!("{repo}@{}", img.digest)
 }
 
+/// The container's imagePullPolicy, defaulted as the API server does (Always for `:latest`
+/// or no tag).
+pub fn pull_policy(c: &Container) -> PullPolicy {
+    let reference = c.image.as_deref().unwrap_or_default();
+    let last = reference.rsplit('/').next().unwrap_or(reference);
+    match c.image_pull_policy.as_deref() {
+        Some("Always") => PullPolicy::Always,
+        Some("Never") => PullPolicy::Never,
+        Some(_) => PullPolicy::IfNotPresent,
+        None if reference.contains('@') => PullPolicy::IfNotPresent,
+        None if last.ends_with(":latest") || !last.contains(':') => PullPolicy::Always,
+        None => PullPolicy::IfNotPresent,
+    }
+}
+
 fn ts(rfc3339: &str) -> Option<Timestamp> {
     rfc3339.trim().parse().ok()
 }
@@ -277,18 +292,20 @@ impl PodRuntime {
         }
     }
 
+    /// Whether ensuring `c`'s image will contact the registry (blocking: reads the store).
+    pub fn will_pull(&self, c: &Container) -> bool {
+        let reference = c.image.clone().unwrap_or_default();
+        match pull_policy(c) {
+            PullPolicy::Always => true,
+            PullPolicy::Never => false,
+            PullPolicy::IfNotPresent => !matches!(self.images.get(&reference), Ok(Some(_))),
+        }
+    }
+
     /// The image for `c`, pulled as its pull policy says; one pull of an image at a time.
     pub async fn ensure_image(&self, c: &Container) -> Result<Image, runtime::image::Error> {
         let reference = c.image.clone().unwrap_or_default();
-        let policy = match c.image_pull_policy.as_deref() {
-            Some("Always") => PullPolicy::Always,
-            Some("Never") => PullPolicy::Never,
-            Some(_) => PullPolicy::IfNotPresent,
-            None if reference.ends_with(":latest") || !reference.contains(':') => {
-                PullPolicy::Always
-            }
-            None => PullPolicy::IfNotPresent,
-        };
+        let policy = pull_policy(c);
         let lock = self
             .pulls
             .lock()

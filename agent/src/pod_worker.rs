@@ -3,6 +3,7 @@
 //! reads container state from the runtime, starts what should run, and reports status when it
 //! changed.
 
+use crate::events::{self, Recorder};
 use crate::pod_runtime::PodRuntime;
 use crate::status::{self, Backoff, PodSnapshot, Restart, RunState, Waiting};
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
@@ -45,6 +46,9 @@ pub struct Worker {
     waiting: BTreeMap<String, Waiting>,
     pulls: HashMap<String, PullFailure>,
     reported: Option<PodStatus>,
+    events: Recorder,
+    /// The restart count each container's last BackOff event was about.
+    backed_off: HashMap<String, i32>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> crate::Result<T> {
@@ -58,6 +62,8 @@ impl Worker {
         pod: Arc<Pod>,
         rx: watch::Receiver<Update>,
     ) -> Self {
+        let client_for_events = client.clone();
+        let node = ctx.cfg.node_name.clone();
         Self {
             ctx,
             client,
@@ -68,6 +74,8 @@ impl Worker {
             waiting: BTreeMap::new(),
             pulls: HashMap::new(),
             reported: None,
+            events: Recorder::new(client_for_events, &node),
+            backed_off: HashMap::new(),
         }
     }
 
@@ -155,12 +163,12 @@ impl Worker {
         let b = self.backoff();
         for c in spec.init_containers.iter().flatten() {
             match snap.containers.get(&c.name) {
-                None => return self.start(c, 0).await,
+                None => return self.start(c, true, 0).await,
                 Some(rec) => match &rec.current.state {
                     RunState::Exited { exit_code: 0, .. } => continue,
                     RunState::Exited { .. } => {
                         if status::restart(&self.pod, rec, true, b, now) == Restart::Now {
-                            self.start(c, rec.current.attempt + 1).await?;
+                            self.start(c, true, rec.current.attempt + 1).await?;
                         }
                         return Ok(());
                     }
@@ -170,10 +178,10 @@ impl Worker {
         }
         for c in &spec.containers {
             match snap.containers.get(&c.name) {
-                None => self.start(c, 0).await?,
+                None => self.start(c, false, 0).await?,
                 Some(rec) => {
                     if status::restart(&self.pod, rec, false, b, now) == Restart::Now {
-                        self.start(c, rec.current.attempt + 1).await?;
+                        self.start(c, false, rec.current.attempt + 1).await?;
                     }
                 }
             }
@@ -181,43 +189,83 @@ impl Worker {
         Ok(())
     }
 
-    async fn start(&mut self, c: &Container, attempt: u32) -> crate::Result<()> {
-        let Some(image) = self.image(c).await else {
+    async fn event(&self, init: Option<(bool, &str)>, type_: &str, reason: &str, msg: String) {
+        let path = init.map(|(i, name)| events::field_path(i, name));
+        self.events.pod(&self.pod, path, type_, reason, msg).await;
+    }
+
+    /// Records a waiting reason; a Warning event `Error: <reason>` when it is new.
+    async fn wait_on(&mut self, init: bool, c: &Container, reason: String, message: String) {
+        let new = self.waiting.get(&c.name).is_none_or(|w| w.reason != reason);
+        if new {
+            let at = Some((init, c.name.as_str()));
+            self.event(at, events::WARNING, "Failed", format!("Error: {reason}"))
+                .await;
+        }
+        self.waiting
+            .insert(c.name.clone(), Waiting { reason, message });
+    }
+
+    async fn start(&mut self, c: &Container, init: bool, attempt: u32) -> crate::Result<()> {
+        let Some(image) = self.image(c, init).await else {
             return Ok(());
         };
         let (ctx, pod, c2) = (self.ctx.clone(), self.pod.clone(), c.clone());
+        let at = Some((init, c.name.as_str()));
         match blocking(move || ctx.start_container(&pod, &c2, attempt, &image)).await? {
             Ok(()) => {
                 tracing::info!(pod = %self.uid, container = %c.name, attempt, "started container");
                 self.waiting.remove(&c.name);
+                let created = format!("Created container: {}", c.name);
+                self.event(at, events::NORMAL, "Created", created).await;
+                let started = format!("Started container {}", c.name);
+                self.event(at, events::NORMAL, "Started", started).await;
             }
             Err((reason, message)) => {
                 tracing::warn!(pod = %self.uid, container = %c.name, %reason, %message, "start container");
-                self.waiting
-                    .insert(c.name.clone(), Waiting { reason, message });
+                self.wait_on(init, c, reason, message).await;
             }
         }
         Ok(())
     }
 
     /// The container's image, or `None` with the reason recorded (and image pull back-off).
-    async fn image(&mut self, c: &Container) -> Option<Image> {
+    async fn image(&mut self, c: &Container, init: bool) -> Option<Image> {
         let reference = c.image.clone().unwrap_or_default();
+        let at = Some((init, c.name.as_str()));
         if let Some(f) = self.pulls.get(&reference) {
             if Instant::now() < f.retry_at {
-                self.waiting.insert(
-                    c.name.clone(),
-                    Waiting {
-                        reason: "ImagePullBackOff".into(),
-                        message: format!("Back-off pulling image {reference:?}: {}", f.message),
-                    },
-                );
+                let message = format!("Back-off pulling image {reference:?}: {}", f.message);
+                if self
+                    .waiting
+                    .get(&c.name)
+                    .is_none_or(|w| w.reason != "ImagePullBackOff")
+                {
+                    let msg = format!("Back-off pulling image {reference:?}");
+                    self.event(at, events::NORMAL, "BackOff", msg).await;
+                }
+                self.wait_on(init, c, "ImagePullBackOff".into(), message)
+                    .await;
                 return None;
             }
+        }
+        let (ctx, c2) = (self.ctx.clone(), c.clone());
+        let pulls = blocking(move || ctx.will_pull(&c2)).await.unwrap_or(true);
+        let began = Instant::now();
+        if pulls {
+            let msg = format!("Pulling image {reference:?}");
+            self.event(at, events::NORMAL, "Pulling", msg).await;
         }
         match self.ctx.ensure_image(c).await {
             Ok(img) => {
                 self.pulls.remove(&reference);
+                let msg = if pulls {
+                    let secs = began.elapsed().as_secs_f64();
+                    format!("Successfully pulled image {reference:?} in {secs:.3}s. Image size: {} bytes.", img.size)
+                } else {
+                    format!("Container image {reference:?} already present on machine")
+                };
+                self.event(at, events::NORMAL, "Pulled", msg).await;
                 Some(img)
             }
             Err(e) => {
@@ -228,18 +276,54 @@ impl Worker {
                     let failures = self.pulls.get(&reference).map_or(0, |f| f.failures) + 1;
                     let delay = self.backoff().delay(failures, None);
                     self.pulls.insert(
-                        reference,
+                        reference.clone(),
                         PullFailure {
                             failures,
                             retry_at: Instant::now() + delay,
                             message: format!("{reason}: {message}"),
                         },
                     );
+                    let msg = format!("Failed to pull image {reference:?}: {message}");
+                    self.event(at, events::WARNING, "Failed", msg).await;
                 }
-                self.waiting
-                    .insert(c.name.clone(), Waiting { reason, message });
+                self.wait_on(init, c, reason, message).await;
                 None
             }
+        }
+    }
+
+    /// A BackOff event when a container is first seen waiting in CrashLoopBackOff after an
+    /// attempt.
+    async fn announce_back_off(&mut self, status: &PodStatus) {
+        let statuses = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .map(|s| (true, s))
+            .chain(
+                status
+                    .container_statuses
+                    .iter()
+                    .flatten()
+                    .map(|s| (false, s)),
+            );
+        let mut due = Vec::new();
+        for (init, s) in statuses {
+            let waiting = s.state.as_ref().and_then(|st| st.waiting.as_ref());
+            if waiting.and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff")
+                && self.backed_off.get(&s.name) != Some(&s.restart_count)
+            {
+                due.push((init, s.name.clone(), s.restart_count));
+            }
+        }
+        for (init, name, count) in due {
+            self.backed_off.insert(name.clone(), count);
+            let msg = format!(
+                "Back-off restarting failed container {name} in pod {}",
+                status::pod_ref(&self.pod)
+            );
+            self.event(Some((init, &name)), events::WARNING, "BackOff", msg)
+                .await;
         }
     }
 
@@ -256,6 +340,7 @@ impl Worker {
     /// Patches `pods/status` when the status differs from the last one reported.
     async fn report(&mut self, snap: PodSnapshot) {
         let status = self.compute(&snap);
+        self.announce_back_off(&status).await;
         if self.reported.as_ref() == Some(&status) {
             return;
         }
@@ -284,6 +369,20 @@ impl Worker {
             .unwrap_or(30)
             .max(0) as u64;
         tracing::info!(pod = %self.uid, grace, "killing pod");
+        if let Ok(snap) = self.snapshot().await {
+            for (name, rec) in &snap.containers {
+                if matches!(rec.current.state, RunState::Running { .. }) {
+                    let init = spec
+                        .init_containers
+                        .iter()
+                        .flatten()
+                        .any(|c| &c.name == name);
+                    let msg = format!("Stopping container {name}");
+                    self.event(Some((init, name)), events::NORMAL, "Killing", msg)
+                        .await;
+                }
+            }
+        }
         let mut delay = Duration::from_millis(200);
         loop {
             let ctx = self.ctx.clone();

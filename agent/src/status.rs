@@ -192,7 +192,8 @@ fn waiting(reason: &str, message: Option<String>) -> ContainerState {
     }
 }
 
-fn pod_ref(pod: &Pod) -> String {
+/// `name_namespace(uid)`, how kubelet names a pod in messages.
+pub fn pod_ref(pod: &Pod) -> String {
     format!(
         "{}_{}({})",
         pod.metadata.name.as_deref().unwrap_or(""),

@@ -130,10 +130,14 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
     }
     assert!(body.contains("hello-from-oxlet"), "{body}");
 
+    let events = c.event_reasons("web").await?;
+    assert_eq!(events, ["Pulling", "Pulled", "Created", "Started"]);
+
     let uid = p.metadata.uid.clone().unwrap();
     assert_eq!(c.bridge_ports().len(), 1);
     c.pods().delete("web", &DeleteParams::default()).await?;
     c.wait_gone("web", Duration::from_secs(30)).await?;
+    c.wait_events("web", &["Killing"]).await?;
     let ctx = agent::pod_runtime::PodRuntime::new(&c.cfg, "127.0.0.1".parse()?)?;
     assert_eq!(ctx.local_pods(), Vec::<String>::new());
     assert!(c.bridge_ports().is_empty(), "{:?}", c.bridge_ports());
@@ -216,6 +220,8 @@ async fn image_errors_show_kubelet_reasons() -> Result<()> {
     assert_eq!(seen, ["ErrImagePull", "ImagePullBackOff"], "{seen:?}");
     let p = c.pods().get("missing").await?;
     assert_eq!(phase(&p), "Pending");
+    c.wait_events("missing", &["Pulling", "Failed", "BackOff"])
+        .await?;
     let invalid = c
         .wait_pod(
             "invalid",
@@ -250,6 +256,7 @@ async fn crashing_container_backs_off_with_increasing_restart_count() -> Result<
         })
         .await?;
     assert!(saw_backoff, "no CrashLoopBackOff seen");
+    c.wait_events("crash", &["Started", "BackOff"]).await?;
     assert_eq!(phase(&p), "Running");
     let last = container(&p).last_state.unwrap().terminated.unwrap();
     assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));

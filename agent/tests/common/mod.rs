@@ -253,6 +253,38 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Reasons of the events recorded about pod `name`, oldest first.
+    pub async fn event_reasons(&self, name: &str) -> Result<Vec<String>> {
+        let api: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.admin.clone(), "default");
+        let mut evs: Vec<_> = api
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .collect();
+        evs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        Ok(evs.into_iter().filter_map(|e| e.reason).collect())
+    }
+
+    /// Waits until the pod's events include every reason of `want`.
+    pub async fn wait_events(&self, name: &str, want: &[&str]) -> Result<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.event_reasons(name).await?;
+            if want.iter().all(|w| got.iter().any(|g| g == w)) {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!("pod {name}: events {got:?} lack some of {want:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 pub fn phase(p: &Pod) -> &str {
     p.status
         .as_ref()
