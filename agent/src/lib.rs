@@ -112,7 +112,17 @@ impl Config {
 /// Registers the node, then runs node status, the Lease and the pods until an error the agent
 /// cannot retry (the watches and heartbeats retry by themselves).
 pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
-    let node = node::register(&client, &cfg).await?;
+    let mut delay = Duration::from_millis(200);
+    let node = loop {
+        match node::register(&client, &cfg).await {
+            Ok(node) => break node,
+            Err(e) => {
+                tracing::warn!(error = %e, "register node; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(7));
+            }
+        }
+    };
     let pod_cidr = node
         .spec
         .as_ref()

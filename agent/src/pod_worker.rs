@@ -49,6 +49,8 @@ pub struct Worker {
     events: Recorder,
     /// The restart count each container's last BackOff event was about.
     backed_off: HashMap<String, i32>,
+    /// The last sandbox failure reported as an event.
+    sandbox_error: Option<String>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> crate::Result<T> {
@@ -76,6 +78,7 @@ impl Worker {
             reported: None,
             events: Recorder::new(client_for_events, &node),
             backed_off: HashMap::new(),
+            sandbox_error: None,
         }
     }
 
@@ -137,13 +140,22 @@ impl Worker {
             // A Succeeded or Failed pod never runs again; it waits for deletion.
             return Ok(());
         }
-        let (ctx, pod) = (self.ctx.clone(), self.pod.clone());
-        let ensured = blocking(move || ctx.ensure_pod(&pod)).await?;
-        if let Err(e) = ensured {
-            self.report(self.snapshot().await?).await;
-            return Err(e);
+        let mut snap = self.snapshot().await?;
+        if !snap.sandbox_ready {
+            let (ctx, pod) = (self.ctx.clone(), self.pod.clone());
+            if let Err(e) = blocking(move || ctx.ensure_pod(&pod)).await? {
+                let msg = format!("Failed to create pod sandbox: {e}");
+                if self.sandbox_error.as_ref() != Some(&msg) {
+                    self.event(None, events::WARNING, "FailedCreatePodSandBox", msg.clone())
+                        .await;
+                    self.sandbox_error = Some(msg);
+                }
+                self.report(snap).await;
+                return Err(e);
+            }
+            self.sandbox_error = None;
+            snap = self.snapshot().await?;
         }
-        let snap = self.snapshot().await?;
         let before = self.compute(&snap);
         if status::is_terminal(&before) {
             self.report(snap).await;
@@ -172,13 +184,18 @@ impl Worker {
                         }
                         return Ok(());
                     }
-                    _ => return Ok(()),
+                    RunState::Created => return self.start(c, true, rec.current.attempt).await,
+                    RunState::Running { .. } => return Ok(()),
                 },
             }
         }
         for c in &spec.containers {
             match snap.containers.get(&c.name) {
                 None => self.start(c, false, 0).await?,
+                // Created but never started: an agent killed between the two; made again.
+                Some(rec) if rec.current.state == RunState::Created => {
+                    self.start(c, false, rec.current.attempt).await?
+                }
                 Some(rec) => {
                     if status::restart(&self.pod, rec, false, b, now) == Restart::Now {
                         self.start(c, false, rec.current.attempt + 1).await?;

@@ -262,3 +262,69 @@ async fn crashing_container_backs_off_with_increasing_restart_count() -> Result<
     assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_containers_run_in_order_before_app_containers() -> Result<()> {
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    let with_init = |name: &str, policy: &str, second: &str| {
+        json!({
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": policy,
+                "terminationGracePeriodSeconds": 1,
+                "initContainers": [
+                    {"name": "first", "image": BUSYBOX, "command": ["sh", "-c", "sleep 1"]},
+                    {"name": "second", "image": BUSYBOX, "command": ["sh", "-c", second]}
+                ],
+                "containers": [{"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}]
+            }
+        })
+    };
+    c.create_pod(with_init("ok", "Always", "exit 0")).await?;
+    c.create_pod(with_init("bad", "Never", "exit 7")).await?;
+    let init_statuses = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.clone())
+            .unwrap_or_default()
+    };
+    let mut saw_initializing = false;
+    let ok = c
+        .wait_pod("ok", Duration::from_secs(60), "Running", |p| {
+            saw_initializing |= condition(p, "Initialized").as_deref() == Some("False")
+                && waiting_reason(p).as_deref() == Some("PodInitializing");
+            phase(p) == "Running"
+        })
+        .await?;
+    assert!(
+        saw_initializing,
+        "app container never shown as PodInitializing"
+    );
+    assert_eq!(condition(&ok, "Initialized").as_deref(), Some("True"));
+    let inits = init_statuses(&ok);
+    assert_eq!(inits.len(), 2);
+    let ended: Vec<_> = inits
+        .iter()
+        .map(|s| s.state.clone().unwrap().terminated.unwrap())
+        .collect();
+    assert!(ended
+        .iter()
+        .all(|t| t.exit_code == 0 && t.reason.as_deref() == Some("Completed")));
+    assert!(ended[0].finished_at <= ended[1].started_at, "{ended:?}");
+
+    let bad = c
+        .wait_pod("bad", Duration::from_secs(60), "Failed", |p| {
+            phase(p) == "Failed"
+        })
+        .await?;
+    let t = init_statuses(&bad)[1]
+        .state
+        .clone()
+        .unwrap()
+        .terminated
+        .unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (7, Some("Error")));
+    assert_eq!(waiting_reason(&bad).as_deref(), Some("PodInitializing"));
+    Ok(())
+}
