@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::jiff::Timestamp;
 use runtime::container::State;
 use runtime::cri::{ContainerRequest, Runtime};
-use runtime::image::{Image, ImageStore, PullOptions, PullPolicy};
+use runtime::image::{DockerConfig, Image, ImageStore, PullOptions, PullPolicy};
 use runtime::sandbox::SandboxConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -303,7 +303,11 @@ impl PodRuntime {
     }
 
     /// The image for `c`, pulled as its pull policy says; one pull of an image at a time.
-    pub async fn ensure_image(&self, c: &Container) -> Result<Image, runtime::image::Error> {
+    pub async fn ensure_image(
+        &self,
+        c: &Container,
+        auth: DockerConfig,
+    ) -> Result<Image, runtime::image::Error> {
         let reference = c.image.clone().unwrap_or_default();
         let policy = pull_policy(c);
         let lock = self
@@ -314,9 +318,9 @@ impl PodRuntime {
             .or_default()
             .clone();
         let _one = lock.lock().await;
-        self.images
-            .ensure(&reference, policy, &self.pull_opts)
-            .await
+        let mut opts = self.pull_opts.clone();
+        opts.auth.merge(auth);
+        self.images.ensure(&reference, policy, &opts).await
     }
 
     /// Creates and starts attempt `attempt` of container `c` (blocking). On failure nothing of

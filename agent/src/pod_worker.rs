@@ -6,14 +6,31 @@
 use crate::events::{self, Recorder};
 use crate::pod_runtime::PodRuntime;
 use crate::status::{self, Backoff, PodSnapshot, Restart, RunState, Waiting};
-use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
-use runtime::image::Image;
+use runtime::image::{DockerConfig, Image};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+/// The registry credentials of a pull secret.
+fn docker_config(secret: &Secret) -> Result<DockerConfig, String> {
+    let data = secret.data.clone().unwrap_or_default();
+    if let Some(json) = data.get(".dockerconfigjson") {
+        return DockerConfig::from_json(&json.0);
+    }
+    if let Some(old) = data.get(".dockercfg") {
+        // The old format is the `auths` map alone.
+        let auths: serde_json::Value =
+            serde_json::from_slice(&old.0).map_err(|e| format!("dockercfg: {e}"))?;
+        return DockerConfig::from_json(
+            serde_json::json!({ "auths": auths }).to_string().as_bytes(),
+        );
+    }
+    Err("neither .dockerconfigjson nor .dockercfg in the secret".into())
+}
 
 /// What the dispatcher tells a worker: the newest pod, or that the object is gone.
 #[derive(Debug, Clone)]
@@ -273,7 +290,8 @@ impl Worker {
             let msg = format!("Pulling image {reference:?}");
             self.event(at, events::NORMAL, "Pulling", msg).await;
         }
-        match self.ctx.ensure_image(c).await {
+        let auth = self.pull_auth().await;
+        match self.ctx.ensure_image(c, auth).await {
             Ok(img) => {
                 self.pulls.remove(&reference);
                 let msg = if pulls {
@@ -307,6 +325,38 @@ impl Worker {
                 None
             }
         }
+    }
+
+    /// Credentials from the pod's imagePullSecrets (`kubernetes.io/dockerconfigjson` or
+    /// `dockercfg`); a secret that cannot be read is an event, and the pull goes on without it.
+    async fn pull_auth(&self) -> DockerConfig {
+        let mut auth = DockerConfig::default();
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let ns = self.pod.metadata.namespace.as_deref().unwrap_or("default");
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        for r in spec.image_pull_secrets.iter().flatten() {
+            let parsed = match api.get(&r.name).await {
+                Ok(secret) => docker_config(&secret),
+                Err(e) => Err(e.to_string()),
+            };
+            match parsed {
+                Ok(cfg) => auth.merge(cfg),
+                Err(e) => {
+                    let msg = format!(
+                        "Unable to retrieve some image pull secrets ({}); attempting to pull the image may not succeed: {e}",
+                        r.name
+                    );
+                    self.event(
+                        None,
+                        events::WARNING,
+                        "FailedToRetrieveImagePullSecret",
+                        msg,
+                    )
+                    .await;
+                }
+            }
+        }
+        auth
     }
 
     /// A BackOff event when a container is first seen waiting in CrashLoopBackOff after an

@@ -328,3 +328,46 @@ async fn init_containers_run_in_order_before_app_containers() -> Result<()> {
     assert_eq!(waiting_reason(&bad).as_deref(), Some("PodInitializing"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_pull_secrets_authenticate_to_the_registry() -> Result<()> {
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(c.admin.clone(), "default");
+    let cfg =
+        json!({"auths": {"127.0.0.1:5001": {"username": "oxlet", "password": "oxlet-secret"}}});
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "regcred"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": cfg.to_string()}
+    }))?;
+    secrets.create(&Default::default(), &secret).await?;
+    let private = "127.0.0.1:5001/test/busybox:latest";
+    let mut with = pod("with", "Always", private, "sleep 3600");
+    with["spec"]["imagePullSecrets"] = json!([{"name": "regcred"}]);
+    c.create_pod(with).await?;
+    c.create_pod(pod("without", "Always", private, "sleep 3600"))
+        .await?;
+    c.wait_pod("with", Duration::from_secs(60), "Running", |p| {
+        phase(p) == "Running"
+    })
+    .await?;
+    let without = c
+        .wait_pod("without", Duration::from_secs(30), "ErrImagePull", |p| {
+            waiting_reason(p).as_deref() == Some("ErrImagePull")
+        })
+        .await?;
+    let msg = container(&without)
+        .state
+        .unwrap()
+        .waiting
+        .unwrap()
+        .message
+        .unwrap();
+    assert!(
+        msg.contains("401") || msg.to_lowercase().contains("unauthorized"),
+        "{msg}"
+    );
+    Ok(())
+}
