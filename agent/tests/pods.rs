@@ -354,9 +354,17 @@ async fn image_pull_secrets_authenticate_to_the_registry() -> Result<()> {
     })
     .await?;
     let without = c
-        .wait_pod("without", Duration::from_secs(30), "ErrImagePull", |p| {
-            waiting_reason(p).as_deref() == Some("ErrImagePull")
-        })
+        .wait_pod(
+            "without",
+            Duration::from_secs(30),
+            "an image pull error",
+            |p| {
+                matches!(
+                    waiting_reason(p).as_deref(),
+                    Some("ErrImagePull" | "ImagePullBackOff")
+                )
+            },
+        )
         .await?;
     let msg = container(&without)
         .state
