@@ -15,6 +15,15 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+/// Whether two versions of a pod differ in nothing the worker acts on.
+fn same_but_status(a: &Pod, b: &Pod) -> bool {
+    a.spec == b.spec
+        && a.metadata.deletion_timestamp == b.metadata.deletion_timestamp
+        && a.metadata.deletion_grace_period_seconds == b.metadata.deletion_grace_period_seconds
+        && a.metadata.labels == b.metadata.labels
+        && a.metadata.annotations == b.metadata.annotations
+}
+
 struct Dispatcher {
     ctx: Arc<PodRuntime>,
     client: kube::Client,
@@ -34,8 +43,18 @@ impl Dispatcher {
         }
         let pod = Arc::new(pod);
         if let Some(tx) = self.workers.get(&uid) {
-            // Replaces an update the worker has not taken yet: only the newest matters.
-            tx.send_replace(Update::Pod(pod));
+            // Replaces an update the worker has not taken yet: only the newest matters. A change
+            // of status alone (the worker's own report) does not wake the worker.
+            tx.send_if_modified(|current| {
+                let wake = match current {
+                    Update::Pod(old) => !same_but_status(old, &pod),
+                    Update::Gone => false,
+                };
+                if !matches!(current, Update::Gone) {
+                    *current = Update::Pod(pod);
+                }
+                wake
+            });
             return;
         }
         let (tx, rx) = watch::channel(Update::Pod(pod.clone()));

@@ -256,6 +256,16 @@ impl Cluster {
 impl Cluster {
     /// Reasons of the events recorded about pod `name`, oldest first.
     pub async fn event_reasons(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .events(name)
+            .await?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    /// (reason, message) of the events recorded about pod `name`, oldest first.
+    pub async fn events(&self, name: &str) -> Result<Vec<(String, String)>> {
         let api: Api<k8s_openapi::api::core::v1::Event> =
             Api::namespaced(self.admin.clone(), "default");
         let mut evs: Vec<_> = api
@@ -266,7 +276,10 @@ impl Cluster {
             .filter(|e| e.involved_object.name.as_deref() == Some(name))
             .collect();
         evs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        Ok(evs.into_iter().filter_map(|e| e.reason).collect())
+        Ok(evs
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect())
     }
 
     /// Waits until the pod's events include every reason of `want`.
