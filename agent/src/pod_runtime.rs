@@ -407,6 +407,20 @@ impl PodRuntime {
         });
     }
 
+    /// Releases the network and sandbox of a pod that will run nothing more (Succeeded or
+    /// Failed), keeping its containers for status and logs until the pod is deleted (blocking).
+    pub fn release_sandbox(&self, uid: &str) -> Result<()> {
+        self.stop_all(uid, Duration::ZERO);
+        if let Some(mut rec) = self.record(uid) {
+            if let Some(network) = rec.network.clone() {
+                self.cni_del(&rec, &network)?;
+                rec.network = None;
+                self.write_record(&rec)?;
+            }
+        }
+        Ok(self.rt.remove_sandbox(uid)?)
+    }
+
     /// Removes everything of pod `uid` (blocking): containers, network attachment, sandbox,
     /// cgroup, logs and record. Idempotent; works from the record alone (the pod object may be
     /// gone).

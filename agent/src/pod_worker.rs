@@ -68,6 +68,8 @@ pub struct Worker {
     backed_off: HashMap<String, i32>,
     /// The last sandbox failure reported as an event.
     sandbox_error: Option<String>,
+    /// Network and sandbox of a terminal pod are given back.
+    sandbox_released: bool,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> crate::Result<T> {
@@ -96,6 +98,7 @@ impl Worker {
             events: Recorder::new(client_for_events, &node),
             backed_off: HashMap::new(),
             sandbox_error: None,
+            sandbox_released: false,
         }
     }
 
@@ -154,7 +157,12 @@ impl Worker {
     async fn sync(&mut self) -> crate::Result<()> {
         let terminal = |s: Option<&PodStatus>| s.is_some_and(status::is_terminal);
         if terminal(self.pod.status.as_ref()) || terminal(self.reported.as_ref()) {
-            // A Succeeded or Failed pod never runs again; it waits for deletion.
+            // A Succeeded or Failed pod never runs again; it keeps its containers until deleted.
+            if !self.sandbox_released {
+                let (ctx, uid) = (self.ctx.clone(), self.uid.clone());
+                blocking(move || ctx.release_sandbox(&uid)).await??;
+                self.sandbox_released = true;
+            }
             return Ok(());
         }
         let mut snap = self.snapshot().await?;

@@ -180,6 +180,24 @@ async fn never_pods_succeed_or_fail_with_kubelet_reasons() -> Result<()> {
     let t = container(&bad).state.unwrap().terminated.unwrap();
     assert_eq!((t.exit_code, t.reason.as_deref()), (1, Some("Error")));
     assert_eq!(container(&bad).restart_count, 0);
+    // Finished pods give their network back; the objects stay for their status.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !c.bridge_ports().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            c.bridge_ports()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ok = c.pods().get("ok").await?;
+    assert_eq!(phase(&ok), "Succeeded");
+    assert!(ok.status.unwrap().pod_ip.is_some());
+    c.pods().delete("ok", &DeleteParams::default()).await?;
+    c.wait_gone("ok", Duration::from_secs(20)).await?;
+    // A finished pod is deleted at once by the API server; the agent cleans up after it.
+    c.wait_no_leftovers(&ok.metadata.uid.clone().unwrap())
+        .await?;
     Ok(())
 }
 

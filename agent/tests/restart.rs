@@ -7,7 +7,7 @@ use anyhow::Result;
 use common::*;
 use kube::api::DeleteParams;
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn sleeper(name: &str) -> serde_json::Value {
     json!({
@@ -43,15 +43,7 @@ async fn restarted_agent_adopts_running_pods_and_cleans_up_deleted_ones() -> Res
     c.create_pod(sleeper("after")).await?;
     c.wait_pod("after", t, "Running", running).await?;
 
-    let ctx = agent::pod_runtime::PodRuntime::new(&c.cfg, "127.0.0.1".parse()?)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while ctx.local_pods().contains(&gone_uid) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "leftovers of the deleted pod remain"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    c.wait_no_leftovers(&gone_uid).await?;
     assert_eq!(c.bridge_ports().len(), 2, "{:?}", c.bridge_ports());
     assert!(!runtime::cgroup::controller_dir(
         "memory",

@@ -233,6 +233,19 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until the runtime holds nothing of pod `uid` (containers, sandbox, record).
+    pub async fn wait_no_leftovers(&self, uid: &str) -> Result<()> {
+        let ctx = PodRuntime::new(&self.cfg, std::net::IpAddr::from([127, 0, 0, 1]))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ctx.local_pods().iter().any(|u| u == uid) {
+            if Instant::now() > deadline {
+                bail!("leftovers of pod {uid} remain");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
     /// Host ends of veths on the test bridge.
     pub fn bridge_ports(&self) -> Vec<String> {
         sh(&format!(
