@@ -417,3 +417,36 @@ async fn image_pull_secrets_authenticate_to_the_registry() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_run_on_the_reference_bridge_plugin_too() -> Result<()> {
+    let mut c = Cluster::with_plugin("bridge", "1.0.0").await?;
+    c.start_agent().await?;
+    let script =
+        "mkdir -p /www && echo via-reference > /www/index.html && exec httpd -f -p 8080 -h /www";
+    c.create_pod(pod("ref", "Always", BUSYBOX, script)).await?;
+    let p = c
+        .wait_pod("ref", Duration::from_secs(60), "Running", |p| {
+            phase(p) == "Running"
+        })
+        .await?;
+    let ip = p.status.clone().unwrap().pod_ip.expect("podIP");
+    let mut body = String::new();
+    for _ in 0..50 {
+        match http_get(&ip, 8080, &c.bridge()) {
+            Ok(b) => {
+                body = b;
+                break;
+            }
+            Err(e) if e.to_string().contains("route") => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    assert!(body.contains("via-reference"), "{body}");
+    c.pods().delete("ref", &DeleteParams::default()).await?;
+    c.wait_gone("ref", Duration::from_secs(30)).await?;
+    c.wait_no_leftovers(p.metadata.uid.as_deref().unwrap())
+        .await?;
+    assert!(c.bridge_ports().is_empty(), "{:?}", c.bridge_ports());
+    Ok(())
+}

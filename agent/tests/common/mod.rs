@@ -90,8 +90,15 @@ pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
 }
 
 impl Cluster {
-    /// A server and an agent configuration (not started) for a fresh node.
+    /// A server and an agent configuration (not started) for a fresh node, pods networked by
+    /// oxlet-bridge.
     pub async fn new() -> Result<Cluster> {
+        Self::with_plugin("oxlet-bridge", "1.1.0").await
+    }
+
+    /// Like `new`, with the bridge plugin of type `plugin` (`bridge` is the reference one from
+    /// /usr/lib/cni) speaking CNI `version`.
+    pub async fn with_plugin(plugin: &str, version: &str) -> Result<Cluster> {
         let x = claim();
         let dir = tempfile::Builder::new().prefix("oxlet-agent-").tempdir()?;
         let mut scfg = control::Config::new(dir.path().join("control"));
@@ -123,10 +130,10 @@ impl Cluster {
         c.cleanup_network();
         fs::create_dir_all(&c.cfg.cni_conf_dir)?;
         let conf = serde_json::json!({
-            "cniVersion": "1.1.0",
+            "cniVersion": version,
             "name": format!("oxat-{x}"),
             "plugins": [{
-                "type": "oxlet-bridge",
+                "type": plugin,
                 "bridge": c.bridge(),
                 "isGateway": true,
                 "ipam": {
