@@ -80,6 +80,10 @@ pub struct Config {
     pub pod_resync: Duration,
     /// Registries to pull from over plain HTTP besides loopback.
     pub insecure_registries: Vec<String>,
+    /// Resources kept from pods (kubelet's system-reserved plus kube-reserved): cpu, memory,
+    /// ephemeral-storage.
+    pub reserved:
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
 impl Config {
@@ -105,6 +109,7 @@ impl Config {
             node_status_report_interval: Duration::from_secs(300),
             pod_resync: Duration::from_secs(1),
             insecure_registries: Vec::new(),
+            reserved: Default::default(),
         }
     }
 }

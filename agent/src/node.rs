@@ -95,6 +95,47 @@ pub fn capacity(cfg: &Config) -> BTreeMap<String, Quantity> {
     ])
 }
 
+/// kubelet's hard eviction thresholds, kept out of allocatable: memory.available < 100Mi and
+/// nodefs.available < 10%.
+const EVICTION_MEMORY: u64 = 100 << 20;
+const EVICTION_DISK_PERCENT: u64 = 10;
+
+/// Capacity minus reservations (system-reserved and kube-reserved together) and the eviction
+/// thresholds, as kubelet computes allocatable; never below zero.
+pub fn allocatable(
+    capacity: &BTreeMap<String, Quantity>,
+    reserved: &BTreeMap<String, Quantity>,
+) -> BTreeMap<String, Quantity> {
+    use runtime::cgroup::{cpu_milli, memory_bytes};
+    let mut out = capacity.clone();
+    let bytes = |m: &BTreeMap<String, Quantity>, k: &str| {
+        m.get(k).and_then(|q| memory_bytes(q).ok()).unwrap_or(0)
+    };
+    if let Some(cpu) = capacity.get("cpu").and_then(|q| cpu_milli(q).ok()) {
+        let r = reserved
+            .get("cpu")
+            .and_then(|q| cpu_milli(q).ok())
+            .unwrap_or(0);
+        let left = cpu.saturating_sub(r);
+        let q = if left % 1000 == 0 {
+            (left / 1000).to_string()
+        } else {
+            format!("{left}m")
+        };
+        out.insert("cpu".into(), Quantity(q));
+    }
+    let mem = bytes(capacity, "memory");
+    let mem_left = mem.saturating_sub(bytes(reserved, "memory") + EVICTION_MEMORY);
+    out.insert("memory".into(), Quantity(format!("{}Ki", mem_left / 1024)));
+    let disk = bytes(capacity, "ephemeral-storage");
+    let disk_reserved = bytes(reserved, "ephemeral-storage") + disk * EVICTION_DISK_PERCENT / 100;
+    out.insert(
+        "ephemeral-storage".into(),
+        Quantity(disk.saturating_sub(disk_reserved).to_string()),
+    );
+    out
+}
+
 fn hostname() -> String {
     nix::unistd::gethostname()
         .ok()
@@ -120,7 +161,7 @@ pub fn current_status(cfg: &Config) -> NodeStatus {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     NodeStatus {
-        allocatable: Some(capacity.clone()),
+        allocatable: Some(allocatable(&capacity, &cfg.reserved)),
         capacity: Some(capacity),
         addresses: Some(vec![
             NodeAddress {
@@ -363,6 +404,29 @@ mod tests {
         assert_eq!(info.operating_system, "linux");
         assert!(!info.kernel_version.is_empty());
         assert_eq!(s.capacity.unwrap()["pods"], Quantity("110".into()));
+    }
+
+    #[test]
+    fn allocatable_subtracts_reservations_and_eviction_thresholds() {
+        let q = |v: &str| Quantity(v.into());
+        let cap = BTreeMap::from([
+            ("cpu".to_string(), q("4")),
+            ("memory".to_string(), q("4Gi")),
+            ("ephemeral-storage".to_string(), q("1000Ki")),
+            ("pods".to_string(), q("110")),
+        ]);
+        let none = allocatable(&cap, &BTreeMap::new());
+        assert_eq!(none["cpu"], q("4"));
+        assert_eq!(none["memory"], q(&format!("{}Ki", (4 << 20) - (100 << 10))));
+        assert_eq!(none["ephemeral-storage"], q("921600"));
+        assert_eq!(none["pods"], q("110"));
+        let reserved = BTreeMap::from([
+            ("cpu".to_string(), q("250m")),
+            ("memory".to_string(), q("1Gi")),
+        ]);
+        let some = allocatable(&cap, &reserved);
+        assert_eq!(some["cpu"], q("3750m"));
+        assert_eq!(some["memory"], q(&format!("{}Ki", (3 << 20) - (100 << 10))));
     }
 
     #[test]

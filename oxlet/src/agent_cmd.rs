@@ -44,9 +44,33 @@ pub struct AgentArgs {
     /// First CrashLoopBackOff / image pull back-off delay in seconds, doubling to 300.
     #[arg(long, default_value_t = 10)]
     backoff_seconds: u64,
+    /// Resources kept from pods, as kubelet's --system-reserved: cpu=500m,memory=1Gi,...
+    #[arg(long, value_delimiter = ',', value_parser = parse_reserved)]
+    reserved: Vec<(String, String)>,
     /// Registries (host:port) to pull from over plain HTTP besides loopback.
     #[arg(long)]
     insecure_registry: Vec<String>,
+}
+
+fn parse_reserved(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not RESOURCE=QUANTITY"))?;
+    if !matches!(k, "cpu" | "memory" | "ephemeral-storage") {
+        return Err(format!(
+            "cannot reserve {k:?}: cpu, memory or ephemeral-storage"
+        ));
+    }
+    let q = k8s_openapi::apimachinery::pkg::api::resource::Quantity(v.to_string());
+    let ok = if k == "cpu" {
+        runtime::cgroup::cpu_milli(&q).is_ok()
+    } else {
+        runtime::cgroup::memory_bytes(&q).is_ok()
+    };
+    if !ok {
+        return Err(format!("{v:?} is not a quantity"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn sibling(name: &str) -> Option<PathBuf> {
@@ -72,6 +96,16 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
     cfg.pod_cidr = args.pod_cidr;
     cfg.node_ip = args.node_ip;
     cfg.insecure_registries = args.insecure_registry;
+    cfg.reserved = args
+        .reserved
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity(v),
+            )
+        })
+        .collect();
     cfg.backoff_base = Duration::from_secs(args.backoff_seconds.max(1));
     cfg.shim = args
         .shim

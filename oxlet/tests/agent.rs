@@ -38,6 +38,8 @@ async fn agent_registers_the_node_and_writes_a_default_network() {
             "oxlet-cmd-node",
             "--pod-cidr",
             "10.245.7.0/24",
+            "--reserved",
+            "cpu=100m",
         ])
         .arg("--run-dir")
         .arg(p("run"))
@@ -53,11 +55,15 @@ async fn agent_registers_the_node_and_writes_a_default_network() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut allocatable_cpu = serde_json::Value::Null;
     let ready = loop {
         let node =
             server
                 .registry
                 .get(control::resources::get("", "nodes"), None, "oxlet-cmd-node");
+        if let Ok(n) = &node {
+            allocatable_cpu = n["status"]["allocatable"]["cpu"].clone();
+        }
         let ready = node.ok().and_then(|n| {
             n["status"]["conditions"]
                 .as_array()?
@@ -75,6 +81,8 @@ async fn agent_registers_the_node_and_writes_a_default_network() {
     let status = child.wait().unwrap();
     server.stop();
     assert_eq!(ready, Some(serde_json::json!("True")));
+    let cpus = std::thread::available_parallelism().unwrap().get() * 1000 - 100;
+    assert_eq!(allocatable_cpu, serde_json::json!(format!("{cpus}m")));
     assert!(status.success(), "{status}");
     let conf: serde_json::Value =
         serde_json::from_slice(&std::fs::read(p("net.d/10-oxlet.conflist")).unwrap()).unwrap();
