@@ -323,18 +323,15 @@ pub async fn heartbeat(client: kube::Client, cfg: Config) {
                 }
             }
         }
-        let current = current_status(&cfg);
+        let previous = last.as_ref().map(|(s, _)| s);
+        let status = with_times(current_status(&cfg), previous);
         let due = match &last {
             None => true,
-            Some((s, at)) => {
-                changed(s, &current) || at.elapsed() >= cfg.node_status_report_interval
-            }
+            Some((s, at)) => changed(s, &status) || at.elapsed() >= cfg.node_status_report_interval,
         };
         if !due {
             continue;
         }
-        let previous = last.as_ref().map(|(s, _)| s);
-        let status = with_times(current, previous);
         match patch_status(&nodes, &cfg.node_name, &status).await {
             Ok(_) => last = Some((status, Instant::now())),
             Err(e) => tracing::warn!(error = %e, "update node status"),

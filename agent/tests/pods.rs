@@ -87,6 +87,10 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
     let spec = lease.expect("node lease").spec.unwrap();
     assert_eq!(spec.holder_identity.as_deref(), Some(c.node.as_str()));
     assert_eq!(spec.lease_duration_seconds, Some(40));
+    // Status is computed every second here but written only when it changed.
+    let before = nodes.get(&c.node).await?.metadata.resource_version;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(nodes.get(&c.node).await?.metadata.resource_version, before);
 
     let script =
         "mkdir -p /www && echo hello-from-oxlet > /www/index.html && exec httpd -f -p 8080 -h /www";
