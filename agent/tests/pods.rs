@@ -316,7 +316,7 @@ async fn init_containers_run_in_order_before_app_containers() -> Result<()> {
                 "restartPolicy": policy,
                 "terminationGracePeriodSeconds": 1,
                 "initContainers": [
-                    {"name": "first", "image": BUSYBOX, "command": ["sh", "-c", "sleep 1"]},
+                    {"name": "first", "image": BUSYBOX, "command": ["sh", "-c", "sleep 2"]},
                     {"name": "second", "image": BUSYBOX, "command": ["sh", "-c", second]}
                 ],
                 "containers": [{"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}]
