@@ -454,3 +454,26 @@ async fn pods_run_on_the_reference_bridge_plugin_too() -> Result<()> {
     assert!(c.bridge_ports().is_empty(), "{:?}", c.bridge_ports());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_network_pods_get_the_node_ip_and_no_pod_network() -> Result<()> {
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    let mut spec = pod("host", "Always", BUSYBOX, "sleep 3600");
+    spec["spec"]["hostNetwork"] = json!(true);
+    c.create_pod(spec).await?;
+    let p = c
+        .wait_pod("host", Duration::from_secs(60), "Running", |p| {
+            phase(p) == "Running"
+        })
+        .await?;
+    let st = p.status.clone().unwrap();
+    assert!(st.pod_ip.is_some());
+    assert_eq!(st.pod_ip, st.host_ip);
+    assert!(c.bridge_ports().is_empty(), "{:?}", c.bridge_ports());
+    c.pods().delete("host", &DeleteParams::default()).await?;
+    c.wait_gone("host", Duration::from_secs(30)).await?;
+    c.wait_no_leftovers(p.metadata.uid.as_deref().unwrap())
+        .await?;
+    Ok(())
+}
