@@ -15,21 +15,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// Why a pull secret gave no credentials (reported as an event, never fatal).
+#[derive(Debug, thiserror::Error)]
+enum PullSecretError {
+    #[error("{0}")]
+    Get(#[from] kube::Error),
+    #[error("dockercfg: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The runtime's docker config parser reports its errors as text.
+    #[error("{0}")]
+    Parse(String),
+    #[error("neither .dockerconfigjson nor .dockercfg in the secret")]
+    Empty,
+}
+
 /// The registry credentials of a pull secret.
-fn docker_config(secret: &Secret) -> Result<DockerConfig, String> {
+fn docker_config(secret: &Secret) -> Result<DockerConfig, PullSecretError> {
     let data = secret.data.clone().unwrap_or_default();
     if let Some(json) = data.get(".dockerconfigjson") {
-        return DockerConfig::from_json(&json.0);
+        return DockerConfig::from_json(&json.0).map_err(PullSecretError::Parse);
     }
     if let Some(old) = data.get(".dockercfg") {
         // The old format is the `auths` map alone.
-        let auths: serde_json::Value =
-            serde_json::from_slice(&old.0).map_err(|e| format!("dockercfg: {e}"))?;
-        return DockerConfig::from_json(
-            serde_json::json!({ "auths": auths }).to_string().as_bytes(),
-        );
+        let auths: serde_json::Value = serde_json::from_slice(&old.0)?;
+        let json = serde_json::json!({ "auths": auths }).to_string();
+        return DockerConfig::from_json(json.as_bytes()).map_err(PullSecretError::Parse);
     }
-    Err("neither .dockerconfigjson nor .dockercfg in the secret".into())
+    Err(PullSecretError::Empty)
 }
 
 /// What the dispatcher tells a worker: the newest pod, or that the object is gone.
@@ -83,8 +95,7 @@ impl Worker {
         pod: Arc<Pod>,
         rx: watch::Receiver<Update>,
     ) -> Self {
-        let client_for_events = client.clone();
-        let node = ctx.cfg.node_name.clone();
+        let events = Recorder::new(client.clone(), &ctx.cfg.node_name);
         Self {
             ctx,
             client,
@@ -95,7 +106,7 @@ impl Worker {
             waiting: BTreeMap::new(),
             pulls: HashMap::new(),
             reported: None,
-            events: Recorder::new(client_for_events, &node),
+            events,
             backed_off: HashMap::new(),
             sandbox_error: None,
             sandbox_released: false,
@@ -345,7 +356,7 @@ impl Worker {
         for r in spec.image_pull_secrets.iter().flatten() {
             let parsed = match api.get(&r.name).await {
                 Ok(secret) => docker_config(&secret),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
             };
             match parsed {
                 Ok(cfg) => auth.merge(cfg),
