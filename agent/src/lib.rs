@@ -1,1 +1,150 @@
-//! agent
+//! The node agent (kubelet's job): registers the Node and keeps its status and Lease fresh,
+//! runs the pods bound to this node through `runtime::cri` and `cni::client`, and reports
+//! their status as kubelet does.
+
+pub mod events;
+pub mod network;
+pub mod node;
+pub mod pod_runtime;
+pub mod pod_worker;
+pub mod pods;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Runtime(#[from] runtime::cri::Error),
+    #[error(transparent)]
+    Sandbox(#[from] runtime::sandbox::Error),
+    #[error(transparent)]
+    Cgroup(#[from] runtime::cgroup::Error),
+    #[error(transparent)]
+    Image(#[from] runtime::image::Error),
+    #[error(transparent)]
+    Cni(#[from] cni::client::ClientError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the agent is told; `Config::new` gives kubelet's defaults and the standard paths.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    /// Images, container bundles and pod records.
+    pub data_dir: PathBuf,
+    /// Volatile state (libcontainer, sandbox namespaces); tmpfs in production.
+    pub run_dir: PathBuf,
+    /// The `oxlet-shim` executable.
+    pub shim: PathBuf,
+    /// Container logs, `<ns>_<pod>_<uid>/<container>/<restart>.log` below it.
+    pub log_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dirs: Vec<PathBuf>,
+    pub cni_cache_dir: PathBuf,
+    /// The `oxlet-bridge` plugin to install into the first bin dir with a default config.
+    pub bridge_plugin: Option<PathBuf>,
+    /// Pod range for the default CNI config when the Node has no `spec.podCIDR`.
+    pub pod_cidr: Option<String>,
+    /// The node's InternalIP; found from the default route's interface when unset.
+    pub node_ip: Option<std::net::IpAddr>,
+    /// First CrashLoopBackOff and image pull back-off delay (kubelet: 10 s), doubling.
+    pub backoff_base: Duration,
+    /// Back-off cap (kubelet: 300 s).
+    pub backoff_max: Duration,
+    /// How often node status is computed (kubelet: 10 s) and the Lease renewed.
+    pub node_status_interval: Duration,
+    /// How often unchanged node status is still reported (kubelet: 5 min).
+    pub node_status_report_interval: Duration,
+    /// How often a pod worker re-reads its containers' state from the runtime.
+    pub pod_resync: Duration,
+    /// Registries to pull from over plain HTTP besides loopback.
+    pub insecure_registries: Vec<String>,
+    /// Resources kept from pods (kubelet's system-reserved plus kube-reserved): cpu, memory,
+    /// ephemeral-storage.
+    pub reserved:
+        std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+}
+
+impl Config {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Self {
+            node_name: node_name.into(),
+            data_dir: PathBuf::from("/var/lib/oxlet"),
+            run_dir: PathBuf::from("/run/oxlet"),
+            shim: PathBuf::from("/usr/local/bin/oxlet-shim"),
+            log_dir: PathBuf::from("/var/log/pods"),
+            cni_conf_dir: PathBuf::from(cni::client::DEFAULT_CONF_DIR),
+            cni_bin_dirs: vec![
+                PathBuf::from(cni::client::DEFAULT_PLUGIN_DIR),
+                PathBuf::from("/usr/lib/cni"),
+            ],
+            cni_cache_dir: PathBuf::from(cni::client::DEFAULT_CACHE_DIR),
+            bridge_plugin: None,
+            pod_cidr: None,
+            node_ip: None,
+            backoff_base: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(300),
+            node_status_interval: Duration::from_secs(10),
+            node_status_report_interval: Duration::from_secs(300),
+            pod_resync: Duration::from_secs(1),
+            insecure_registries: Vec::new(),
+            reserved: Default::default(),
+        }
+    }
+}
+
+/// Registers the node, then runs node status, the Lease and the pods until an error the agent
+/// cannot retry (the watches and heartbeats retry by themselves).
+pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
+    let mut delay = Duration::from_millis(200);
+    let node = loop {
+        match node::register(&client, &cfg).await {
+            Ok(node) => break node,
+            Err(e) => {
+                tracing::warn!(error = %e, "register node; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(7));
+            }
+        }
+    };
+    let pod_cidr = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidr.clone())
+        .or_else(|| cfg.pod_cidr.clone());
+    network::ensure_default_config(&cfg, pod_cidr.as_deref())?;
+    let host_ip = node::internal_ip(&cfg);
+    let ctx = Arc::new(pod_runtime::PodRuntime::new(&cfg, host_ip)?);
+    let _heartbeat = AbortOnDrop(tokio::spawn(node::heartbeat(client.clone(), cfg.clone())));
+    pods::run(client, cfg, ctx).await
+}
+
+/// Stops a background task when the future that started it is dropped (an aborted agent).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

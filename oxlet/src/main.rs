@@ -1,5 +1,6 @@
 //! The `oxlet` command.
 
+mod agent_cmd;
 mod image_cmd;
 mod proxy_cmd;
 mod run_cmd;
@@ -34,6 +35,8 @@ enum Command {
     Image(image_cmd::ImageCommand),
     /// Run the single-node cluster (control plane and kube-proxy) until SIGTERM or Ctrl-C.
     Up(up_cmd::UpArgs),
+    /// Run the node agent: register this node and run the pods bound to it.
+    Agent(agent_cmd::AgentArgs),
     /// Run one container from an image (or an OCI bundle) and exit with its exit code.
     Run(run_cmd::RunArgs),
     /// Run the node's kube-proxy: Services and EndpointSlices into nftables (table ip oxlet-proxy)
@@ -65,6 +68,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Image(cmd) => image_cmd::run(&cli.data_dir, cmd),
         Command::Up(args) => up_cmd::run(&cli.data_dir, args),
+        Command::Agent(args) => agent_cmd::run(&cli.data_dir, args),
         Command::NodeKubeconfig {
             name,
             server,

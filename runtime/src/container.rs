@@ -152,7 +152,9 @@ pub fn create(paths: &Paths, id: &str, log: &LogOptions) -> Result<()> {
     std::fs::create_dir_all(&paths.state_root).map_err(io_err(id, "state root"))?;
     let dir = paths.dir(id);
     let shim_log = std::fs::File::create(dir.join("shim.log")).map_err(io_err(id, "shim log"))?;
+    // Not the caller's working directory, which a concurrent `start` may change for a moment.
     let mut child = Command::new(&paths.shim)
+        .current_dir("/")
         .arg("create")
         .arg("--id")
         .arg(id)
@@ -194,10 +196,17 @@ pub fn create(paths: &Paths, id: &str, log: &LogOptions) -> Result<()> {
     }
 }
 
+/// libcontainer's `start` chdirs into the container's state dir to reach its notify socket and
+/// back; the working directory is per process, so concurrent starts must not interleave.
+static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Starts a created container's process.
 pub fn start(paths: &Paths, id: &str) -> Result<()> {
     let mut c = load(paths, id)?;
-    c.start().map_err(lc_err(id))?;
+    {
+        let _one = START.lock().unwrap_or_else(|e| e.into_inner());
+        c.start().map_err(lc_err(id))?;
+    }
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
     std::fs::write(paths.dir(id).join("started_at"), now).map_err(io_err(id, "started_at"))
 }

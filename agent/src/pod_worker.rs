@@ -1,0 +1,513 @@
+//! One worker per pod UID (kubelet's pod workers): fed the newest version of its pod through a
+//! coalescing channel, it moves one way through syncing -> terminating -> terminated. Each sync
+//! reads container state from the runtime, starts what should run, and reports status when it
+//! changed.
+
+use crate::events::{self, Recorder};
+use crate::pod_runtime::PodRuntime;
+use crate::status::{self, Backoff, PodSnapshot, Restart, RunState, Waiting};
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Secret};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use runtime::image::{DockerConfig, Image};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Why a pull secret gave no credentials (reported as an event, never fatal).
+#[derive(Debug, thiserror::Error)]
+enum PullSecretError {
+    #[error("{0}")]
+    Get(#[from] kube::Error),
+    #[error("dockercfg: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The runtime's docker config parser reports its errors as text.
+    #[error("{0}")]
+    Parse(String),
+    #[error("neither .dockerconfigjson nor .dockercfg in the secret")]
+    Empty,
+}
+
+/// The registry credentials of a pull secret.
+fn docker_config(secret: &Secret) -> Result<DockerConfig, PullSecretError> {
+    let data = secret.data.clone().unwrap_or_default();
+    if let Some(json) = data.get(".dockerconfigjson") {
+        return DockerConfig::from_json(&json.0).map_err(PullSecretError::Parse);
+    }
+    if let Some(old) = data.get(".dockercfg") {
+        // The old format is the `auths` map alone.
+        let auths: serde_json::Value = serde_json::from_slice(&old.0)?;
+        let json = serde_json::json!({ "auths": auths }).to_string();
+        return DockerConfig::from_json(json.as_bytes()).map_err(PullSecretError::Parse);
+    }
+    Err(PullSecretError::Empty)
+}
+
+/// What the dispatcher tells a worker: the newest pod, or that the object is gone.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Pod(Arc<Pod>),
+    Gone,
+}
+
+/// Where a worker is in a pod's life; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Syncing,
+    Terminating,
+    Terminated,
+}
+
+struct PullFailure {
+    failures: u32,
+    retry_at: Instant,
+    message: String,
+}
+
+pub struct Worker {
+    ctx: Arc<PodRuntime>,
+    client: kube::Client,
+    uid: String,
+    pod: Arc<Pod>,
+    rx: watch::Receiver<Update>,
+    lifecycle: Lifecycle,
+    waiting: BTreeMap<String, Waiting>,
+    pulls: HashMap<String, PullFailure>,
+    reported: Option<PodStatus>,
+    events: Recorder,
+    /// The restart count each container's last BackOff event was about.
+    backed_off: HashMap<String, i32>,
+    /// The last sandbox failure reported as an event.
+    sandbox_error: Option<String>,
+    /// Network and sandbox of a terminal pod are given back.
+    sandbox_released: bool,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> crate::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await?)
+}
+
+impl Worker {
+    pub fn new(
+        ctx: Arc<PodRuntime>,
+        client: kube::Client,
+        pod: Arc<Pod>,
+        rx: watch::Receiver<Update>,
+    ) -> Self {
+        let events = Recorder::new(client.clone(), &ctx.cfg.node_name);
+        Self {
+            ctx,
+            client,
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            pod,
+            rx,
+            lifecycle: Lifecycle::Syncing,
+            waiting: BTreeMap::new(),
+            pulls: HashMap::new(),
+            reported: None,
+            events,
+            backed_off: HashMap::new(),
+            sandbox_error: None,
+            sandbox_released: false,
+        }
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            base: self.ctx.cfg.backoff_base,
+            max: self.ctx.cfg.backoff_max,
+        }
+    }
+
+    fn api(&self) -> Api<Pod> {
+        let ns = self.pod.metadata.namespace.as_deref().unwrap_or("default");
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// Runs until the pod is terminated; returns its UID.
+    pub async fn run(mut self) -> String {
+        let mut object_exists = true;
+        loop {
+            match self.lifecycle {
+                Lifecycle::Syncing => {
+                    match self.rx.borrow_and_update().clone() {
+                        Update::Pod(p) => self.pod = p,
+                        Update::Gone => object_exists = false,
+                    }
+                    if !object_exists || self.pod.metadata.deletion_timestamp.is_some() {
+                        self.lifecycle = Lifecycle::Terminating;
+                        continue;
+                    }
+                    if let Err(e) = self.sync().await {
+                        tracing::warn!(pod = %self.uid, error = %e, "sync pod");
+                    }
+                    let resync = self.ctx.cfg.pod_resync;
+                    tokio::select! {
+                        changed = self.rx.changed() => if changed.is_err() { return self.uid },
+                        _ = tokio::time::sleep(resync) => {}
+                    }
+                }
+                Lifecycle::Terminating => {
+                    self.terminate(object_exists).await;
+                    self.lifecycle = Lifecycle::Terminated;
+                }
+                Lifecycle::Terminated => return self.uid,
+            }
+        }
+    }
+
+    async fn snapshot(&self) -> crate::Result<PodSnapshot> {
+        let ctx = self.ctx.clone();
+        let uid = self.uid.clone();
+        let mut snap = blocking(move || ctx.snapshot(&uid)).await?;
+        snap.waiting = self.waiting.clone();
+        Ok(snap)
+    }
+
+    async fn sync(&mut self) -> crate::Result<()> {
+        let terminal = |s: Option<&PodStatus>| s.is_some_and(status::is_terminal);
+        if terminal(self.pod.status.as_ref()) || terminal(self.reported.as_ref()) {
+            // A Succeeded or Failed pod never runs again; it keeps its containers until deleted.
+            if !self.sandbox_released {
+                let (ctx, uid) = (self.ctx.clone(), self.uid.clone());
+                blocking(move || ctx.release_sandbox(&uid)).await??;
+                self.sandbox_released = true;
+            }
+            return Ok(());
+        }
+        let mut snap = self.snapshot().await?;
+        if !snap.sandbox_ready {
+            let (ctx, pod) = (self.ctx.clone(), self.pod.clone());
+            if let Err(e) = blocking(move || ctx.ensure_pod(&pod)).await? {
+                let msg = format!("Failed to create pod sandbox: {e}");
+                if self.sandbox_error.as_ref() != Some(&msg) {
+                    self.event(None, events::WARNING, "FailedCreatePodSandBox", msg.clone())
+                        .await;
+                    self.sandbox_error = Some(msg);
+                }
+                self.report(snap).await;
+                return Err(e);
+            }
+            self.sandbox_error = None;
+            snap = self.snapshot().await?;
+        }
+        let before = self.compute(&snap);
+        if status::is_terminal(&before) {
+            self.report(snap).await;
+            return Ok(());
+        }
+        self.start_containers(&snap).await?;
+        let snap = self.snapshot().await?;
+        self.report(snap).await;
+        Ok(())
+    }
+
+    /// Starts init containers one at a time in order, then every app container that is not
+    /// there yet or whose restart is due.
+    async fn start_containers(&mut self, snap: &PodSnapshot) -> crate::Result<()> {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let now = Timestamp::now();
+        let b = self.backoff();
+        for c in spec.init_containers.iter().flatten() {
+            match snap.containers.get(&c.name) {
+                None => return self.start(c, true, 0).await,
+                Some(rec) => match &rec.current.state {
+                    RunState::Exited { exit_code: 0, .. } => continue,
+                    RunState::Exited { .. } => {
+                        if status::restart(&self.pod, rec, true, b, now) == Restart::Now {
+                            self.start(c, true, rec.current.attempt + 1).await?;
+                        }
+                        return Ok(());
+                    }
+                    RunState::Created => return self.start(c, true, rec.current.attempt).await,
+                    RunState::Running { .. } => return Ok(()),
+                },
+            }
+        }
+        for c in &spec.containers {
+            match snap.containers.get(&c.name) {
+                None => self.start(c, false, 0).await?,
+                // Created but never started: an agent killed between the two; made again.
+                Some(rec) if rec.current.state == RunState::Created => {
+                    self.start(c, false, rec.current.attempt).await?
+                }
+                Some(rec) => {
+                    if status::restart(&self.pod, rec, false, b, now) == Restart::Now {
+                        self.start(c, false, rec.current.attempt + 1).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn event(&self, init: Option<(bool, &str)>, type_: &str, reason: &str, msg: String) {
+        let path = init.map(|(i, name)| events::field_path(i, name));
+        self.events.pod(&self.pod, path, type_, reason, msg).await;
+    }
+
+    /// Records a waiting reason; a Warning event `Error: <reason>` when it is new.
+    async fn wait_on(&mut self, init: bool, c: &Container, reason: String, message: String) {
+        let new = self.waiting.get(&c.name).is_none_or(|w| w.reason != reason);
+        if new {
+            let at = Some((init, c.name.as_str()));
+            self.event(at, events::WARNING, "Failed", format!("Error: {reason}"))
+                .await;
+        }
+        self.waiting
+            .insert(c.name.clone(), Waiting { reason, message });
+    }
+
+    async fn start(&mut self, c: &Container, init: bool, attempt: u32) -> crate::Result<()> {
+        let Some(image) = self.image(c, init).await else {
+            return Ok(());
+        };
+        let (ctx, pod, c2) = (self.ctx.clone(), self.pod.clone(), c.clone());
+        let at = Some((init, c.name.as_str()));
+        match blocking(move || ctx.start_container(&pod, &c2, attempt, &image)).await? {
+            Ok(()) => {
+                tracing::info!(pod = %self.uid, container = %c.name, attempt, "started container");
+                self.waiting.remove(&c.name);
+                let created = format!("Created container: {}", c.name);
+                self.event(at, events::NORMAL, "Created", created).await;
+                let started = format!("Started container {}", c.name);
+                self.event(at, events::NORMAL, "Started", started).await;
+            }
+            Err((reason, message)) => {
+                tracing::warn!(pod = %self.uid, container = %c.name, %reason, %message, "start container");
+                self.wait_on(init, c, reason, message).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The container's image, or `None` with the reason recorded (and image pull back-off).
+    async fn image(&mut self, c: &Container, init: bool) -> Option<Image> {
+        let reference = c.image.clone().unwrap_or_default();
+        let at = Some((init, c.name.as_str()));
+        if let Some(f) = self.pulls.get(&reference) {
+            if Instant::now() < f.retry_at {
+                let message = format!("Back-off pulling image {reference:?}: {}", f.message);
+                if self
+                    .waiting
+                    .get(&c.name)
+                    .is_none_or(|w| w.reason != "ImagePullBackOff")
+                {
+                    let msg = format!("Back-off pulling image {reference:?}");
+                    self.event(at, events::NORMAL, "BackOff", msg).await;
+                }
+                self.wait_on(init, c, "ImagePullBackOff".into(), message)
+                    .await;
+                return None;
+            }
+        }
+        let (ctx, c2) = (self.ctx.clone(), c.clone());
+        let pulls = blocking(move || ctx.will_pull(&c2)).await.unwrap_or(true);
+        let began = Instant::now();
+        if pulls {
+            let msg = format!("Pulling image {reference:?}");
+            self.event(at, events::NORMAL, "Pulling", msg).await;
+        }
+        let auth = self.pull_auth().await;
+        match self.ctx.ensure_image(c, auth).await {
+            Ok(img) => {
+                self.pulls.remove(&reference);
+                let msg = if pulls {
+                    let secs = began.elapsed().as_secs_f64();
+                    format!("Successfully pulled image {reference:?} in {secs:.3}s. Image size: {} bytes.", img.size)
+                } else {
+                    format!("Container image {reference:?} already present on machine")
+                };
+                self.event(at, events::NORMAL, "Pulled", msg).await;
+                Some(img)
+            }
+            Err(e) => {
+                let reason = e.reason().to_string();
+                let message = e.to_string();
+                tracing::warn!(pod = %self.uid, image = %reference, %reason, %message, "image");
+                if reason == "ErrImagePull" {
+                    let failures = self.pulls.get(&reference).map_or(0, |f| f.failures) + 1;
+                    let delay = self.backoff().delay(failures, None);
+                    self.pulls.insert(
+                        reference.clone(),
+                        PullFailure {
+                            failures,
+                            retry_at: Instant::now() + delay,
+                            message: format!("{reason}: {message}"),
+                        },
+                    );
+                    let msg = format!("Failed to pull image {reference:?}: {message}");
+                    self.event(at, events::WARNING, "Failed", msg).await;
+                }
+                self.wait_on(init, c, reason, message).await;
+                None
+            }
+        }
+    }
+
+    /// Credentials from the pod's imagePullSecrets (`kubernetes.io/dockerconfigjson` or
+    /// `dockercfg`); a secret that cannot be read is an event, and the pull goes on without it.
+    async fn pull_auth(&self) -> DockerConfig {
+        let mut auth = DockerConfig::default();
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let ns = self.pod.metadata.namespace.as_deref().unwrap_or("default");
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        for r in spec.image_pull_secrets.iter().flatten() {
+            let parsed = match api.get(&r.name).await {
+                Ok(secret) => docker_config(&secret),
+                Err(e) => Err(e.into()),
+            };
+            match parsed {
+                Ok(cfg) => auth.merge(cfg),
+                Err(e) => {
+                    let msg = format!(
+                        "Unable to retrieve some image pull secrets ({}); attempting to pull the image may not succeed: {e}",
+                        r.name
+                    );
+                    self.event(
+                        None,
+                        events::WARNING,
+                        "FailedToRetrieveImagePullSecret",
+                        msg,
+                    )
+                    .await;
+                }
+            }
+        }
+        auth
+    }
+
+    /// A BackOff event when a container is first seen waiting in CrashLoopBackOff after an
+    /// attempt.
+    async fn announce_back_off(&mut self, status: &PodStatus) {
+        let statuses = status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .map(|s| (true, s))
+            .chain(
+                status
+                    .container_statuses
+                    .iter()
+                    .flatten()
+                    .map(|s| (false, s)),
+            );
+        let mut due = Vec::new();
+        for (init, s) in statuses {
+            let waiting = s.state.as_ref().and_then(|st| st.waiting.as_ref());
+            if waiting.and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff")
+                && self.backed_off.get(&s.name) != Some(&s.restart_count)
+            {
+                due.push((init, s.name.clone(), s.restart_count));
+            }
+        }
+        for (init, name, count) in due {
+            self.backed_off.insert(name.clone(), count);
+            let msg = format!(
+                "Back-off restarting failed container {name} in pod {}",
+                status::pod_ref(&self.pod)
+            );
+            self.event(Some((init, &name)), events::WARNING, "BackOff", msg)
+                .await;
+        }
+    }
+
+    fn compute(&self, snap: &PodSnapshot) -> PodStatus {
+        // Times are carried over from what was last reported, which the watch may not show yet.
+        let mut pod = (*self.pod).clone();
+        if let Some(r) = &self.reported {
+            pod.status = Some(r.clone());
+        }
+        let host_ip = self.ctx.host_ip.to_string();
+        status::pod_status(&pod, snap, &host_ip, self.backoff(), Timestamp::now())
+    }
+
+    /// Patches `pods/status` when the status differs from the last one reported.
+    async fn report(&mut self, snap: PodSnapshot) {
+        let status = self.compute(&snap);
+        self.announce_back_off(&status).await;
+        if self.reported.as_ref() == Some(&status) {
+            return;
+        }
+        let name = self.pod.metadata.name.clone().unwrap_or_default();
+        let patch = serde_json::json!({ "status": status });
+        match self
+            .api()
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.reported = Some(status),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => tracing::warn!(pod = %self.uid, error = %e, "patch pod status"),
+        }
+    }
+
+    /// Stops the containers with the grace period, removes network, sandbox and cgroup, then
+    /// deletes the pod object (the API server waits for this to finish graceful deletion).
+    async fn terminate(&mut self, object_exists: bool) {
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let grace = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or(spec.termination_grace_period_seconds)
+            .unwrap_or(30)
+            .max(0) as u64;
+        tracing::info!(pod = %self.uid, grace, "killing pod");
+        if let Ok(snap) = self.snapshot().await {
+            for (name, rec) in &snap.containers {
+                if matches!(rec.current.state, RunState::Running { .. }) {
+                    let init = spec
+                        .init_containers
+                        .iter()
+                        .flatten()
+                        .any(|c| &c.name == name);
+                    let msg = format!("Stopping container {name}");
+                    self.event(Some((init, name)), events::NORMAL, "Killing", msg)
+                        .await;
+                }
+            }
+        }
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let ctx = self.ctx.clone();
+            let uid = self.uid.clone();
+            let done = blocking(move || {
+                ctx.stop_all(&uid, Duration::from_secs(grace));
+                ctx.teardown(&uid)
+            })
+            .await;
+            match done {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) | Err(e) => {
+                    tracing::warn!(pod = %self.uid, error = %e, "tear down pod; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        if !object_exists {
+            return;
+        }
+        let name = self.pod.metadata.name.clone().unwrap_or_default();
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(self.uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        for _ in 0..10 {
+            match self.api().delete(&name, &params).await {
+                Ok(_) => return,
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return,
+                Err(e) => {
+                    tracing::warn!(pod = %self.uid, error = %e, "delete pod");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}

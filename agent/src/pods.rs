@@ -1,0 +1,144 @@
+//! The pods bound to this node: a watch on `spec.nodeName=<node>` dispatching each pod to its
+//! worker, and at the first complete listing the removal of what the runtime holds for pods
+//! that no longer exist.
+
+use crate::pod_runtime::PodRuntime;
+use crate::pod_worker::{Update, Worker};
+use crate::{Config, Result};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Whether two versions of a pod differ in nothing the worker acts on.
+fn same_but_status(a: &Pod, b: &Pod) -> bool {
+    a.spec == b.spec
+        && a.metadata.deletion_timestamp == b.metadata.deletion_timestamp
+        && a.metadata.deletion_grace_period_seconds == b.metadata.deletion_grace_period_seconds
+        && a.metadata.labels == b.metadata.labels
+        && a.metadata.annotations == b.metadata.annotations
+}
+
+struct Dispatcher {
+    ctx: Arc<PodRuntime>,
+    client: kube::Client,
+    workers: HashMap<String, watch::Sender<Update>>,
+    /// UIDs whose workers finished: never synced again.
+    terminated: HashSet<String>,
+    tasks: JoinSet<String>,
+}
+
+impl Dispatcher {
+    fn dispatch(&mut self, pod: Pod) {
+        let Some(uid) = pod.metadata.uid.clone() else {
+            return;
+        };
+        if self.terminated.contains(&uid) {
+            return;
+        }
+        let pod = Arc::new(pod);
+        if let Some(tx) = self.workers.get(&uid) {
+            // Replaces an update the worker has not taken yet: only the newest matters. A change
+            // of status alone (the worker's own report) does not wake the worker.
+            tx.send_if_modified(|current| {
+                let wake = match current {
+                    Update::Pod(old) => !same_but_status(old, &pod),
+                    Update::Gone => false,
+                };
+                if !matches!(current, Update::Gone) {
+                    *current = Update::Pod(pod);
+                }
+                wake
+            });
+            return;
+        }
+        let (tx, rx) = watch::channel(Update::Pod(pod.clone()));
+        let worker = Worker::new(self.ctx.clone(), self.client.clone(), pod, rx);
+        self.tasks.spawn(worker.run());
+        self.workers.insert(uid, tx);
+    }
+
+    fn gone(&mut self, uid: &str) {
+        if let Some(tx) = self.workers.get(uid) {
+            tx.send_replace(Update::Gone);
+        }
+    }
+
+    /// Removes what the runtime holds for pods that are neither listed nor being worked on.
+    fn clean_orphans(&mut self, listed: &HashSet<String>) {
+        let ctx = self.ctx.clone();
+        let keep: HashSet<String> = listed.iter().chain(self.workers.keys()).cloned().collect();
+        tokio::task::spawn_blocking(move || {
+            for uid in ctx.local_pods() {
+                if keep.contains(&uid) {
+                    continue;
+                }
+                tracing::info!(pod = %uid, "removing leftovers of a pod that no longer exists");
+                if let Err(e) = ctx.teardown(&uid) {
+                    tracing::warn!(pod = %uid, error = %e, "remove leftovers");
+                }
+            }
+        });
+    }
+}
+
+/// Watches the node's pods and runs a worker per pod until the watch ends.
+pub async fn run(client: kube::Client, cfg: Config, ctx: Arc<PodRuntime>) -> Result<()> {
+    let api: Api<Pod> = Api::all(client.clone());
+    let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
+    let mut events = std::pin::pin!(watcher::watcher(api, wc).default_backoff());
+    let mut d = Dispatcher {
+        ctx,
+        client,
+        workers: HashMap::new(),
+        terminated: HashSet::new(),
+        tasks: JoinSet::new(),
+    };
+    let mut listing: HashSet<String> = HashSet::new();
+    let mut cleaned = false;
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                None => return Ok(()),
+                Some(Err(e)) => tracing::warn!(error = %e, "watch pods"),
+                Some(Ok(Event::Init)) => listing.clear(),
+                Some(Ok(Event::InitApply(pod))) => {
+                    listing.extend(pod.metadata.uid.clone());
+                    d.dispatch(pod);
+                }
+                Some(Ok(Event::InitDone)) => {
+                    let missing: Vec<String> = d
+                        .workers
+                        .keys()
+                        .filter(|u| !listing.contains(*u))
+                        .cloned()
+                        .collect();
+                    for uid in missing {
+                        d.gone(&uid);
+                    }
+                    if !cleaned {
+                        d.clean_orphans(&listing);
+                        cleaned = true;
+                    }
+                }
+                Some(Ok(Event::Apply(pod))) => d.dispatch(pod),
+                Some(Ok(Event::Delete(pod))) => {
+                    if let Some(uid) = pod.metadata.uid.as_deref() {
+                        d.gone(uid);
+                    }
+                }
+            },
+            Some(done) = d.tasks.join_next(), if !d.tasks.is_empty() => {
+                if let Ok(uid) = done {
+                    d.workers.remove(&uid);
+                    d.terminated.insert(uid);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Test harness: the real API server in-process, an agent with a node identity and its own
+//! directories, and a claimed pod subnet `10.244.X.0/24` on bridge `oxab<X>`; everything is
+//! removed on drop, and leftovers of a killed earlier run on the next claim of X.
+#![allow(dead_code)]
+
+use agent::pod_runtime::PodRuntime;
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher::{self, Event};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CLAIMS: &str = "/run/oxlet-agent-tests";
+pub const BUSYBOX: &str = "127.0.0.1:5000/test/busybox:latest";
+
+pub fn sh(cmd: &str) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("sh runs");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid > 0 && unsafe { libc::kill(pid, 0) } == 0
+}
+
+/// `target/debug`, where the workspace's binaries are built.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target/debug");
+    for bin in ["oxlet-shim", "oxlet-bridge"] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{} missing: build it first (cargo build -p oxlet-runtime -p oxlet-cni --bins)",
+            dir.join(bin).display()
+        );
+    }
+    dir.to_path_buf()
+}
+
+/// Claims a free X in 1..=200 (a dead run's claim is taken over).
+fn claim() -> u8 {
+    fs::create_dir_all(CLAIMS).unwrap();
+    let start = (std::process::id() as usize * 13 + rand::random::<usize>()) % 200;
+    for i in 0..200 {
+        let x = (1 + (start + i) % 200) as u8;
+        let path = Path::new(CLAIMS).join(x.to_string());
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(mut f) => {
+                write!(f, "{}", std::process::id()).unwrap();
+                return x;
+            }
+            Err(_) => {
+                let pid: i32 = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(0);
+                if pid != 0 && !pid_alive(pid) {
+                    fs::write(&path, std::process::id().to_string()).unwrap();
+                    return x;
+                }
+            }
+        }
+    }
+    panic!("no free test subnet in 10.244.1-200.0/24");
+}
+
+pub struct Cluster {
+    pub server: Option<control::Server>,
+    pub dir: tempfile::TempDir,
+    pub admin: kube::Client,
+    pub x: u8,
+    pub node: String,
+    pub cfg: agent::Config,
+    agent: Option<tokio::task::JoinHandle<agent::Result<()>>>,
+}
+
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+impl Cluster {
+    /// A server and an agent configuration (not started) for a fresh node, pods networked by
+    /// oxlet-bridge.
+    pub async fn new() -> Result<Cluster> {
+        Self::with_plugin("oxlet-bridge", "1.1.0").await
+    }
+
+    /// Like `new`, with the bridge plugin of type `plugin` (`bridge` is the reference one from
+    /// /usr/lib/cni) speaking CNI `version`.
+    pub async fn with_plugin(plugin: &str, version: &str) -> Result<Cluster> {
+        let x = claim();
+        let dir = tempfile::Builder::new().prefix("oxlet-agent-").tempdir()?;
+        let mut scfg = control::Config::new(dir.path().join("control"));
+        scfg.listen = "127.0.0.1:0".parse()?;
+        scfg.kubeconfig = dir.path().join("admin.kubeconfig");
+        let server = control::start(scfg).await?;
+        let admin = client_for(&server.kubeconfig).await?;
+        let node = format!("node-{x}");
+        let bins = bin_dir();
+        let mut cfg = agent::Config::new(&node);
+        cfg.data_dir = dir.path().join("data");
+        cfg.run_dir = dir.path().join("run");
+        cfg.log_dir = dir.path().join("logs");
+        cfg.shim = bins.join("oxlet-shim");
+        cfg.cni_conf_dir = dir.path().join("net.d");
+        cfg.cni_cache_dir = dir.path().join("cni-cache");
+        cfg.cni_bin_dirs = vec![bins.clone(), PathBuf::from("/usr/lib/cni")];
+        cfg.node_status_interval = Duration::from_secs(1);
+        cfg.pod_resync = Duration::from_millis(300);
+        let c = Cluster {
+            server: Some(server),
+            dir,
+            admin,
+            x,
+            node,
+            cfg,
+            agent: None,
+        };
+        c.cleanup_network();
+        fs::create_dir_all(&c.cfg.cni_conf_dir)?;
+        let conf = serde_json::json!({
+            "cniVersion": version,
+            "name": format!("oxat-{x}"),
+            "plugins": [{
+                "type": plugin,
+                "bridge": c.bridge(),
+                "isGateway": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": c.subnet()}]],
+                    "dataDir": c.dir.path().join("ipam"),
+                }
+            }]
+        });
+        fs::write(
+            c.cfg.cni_conf_dir.join("10-test.conflist"),
+            serde_json::to_vec(&conf)?,
+        )?;
+        Ok(c)
+    }
+
+    pub fn bridge(&self) -> String {
+        format!("oxab{}", self.x)
+    }
+
+    pub fn subnet(&self) -> String {
+        format!("10.244.{}.0/24", self.x)
+    }
+
+    /// A client with this node's identity (`system:node:<node>`).
+    pub async fn node_client(&self) -> Result<kube::Client> {
+        let pki = control::certs::Pki::new(&self.dir.path().join("control"));
+        let to = self.dir.path().join("node.kubeconfig");
+        let addr = self.server.as_ref().expect("running").addr;
+        pki.write_node_kubeconfig(
+            &self.node,
+            &format!("https://127.0.0.1:{}", addr.port()),
+            &to,
+        )?;
+        client_for(&to).await
+    }
+
+    /// Starts the agent (again), in-process, as `oxlet up` would.
+    pub async fn start_agent(&mut self) -> Result<()> {
+        let client = self.node_client().await?;
+        self.agent = Some(tokio::spawn(agent::run(client, self.cfg.clone())));
+        Ok(())
+    }
+
+    /// Drops the agent as a kill would: its tasks stop, containers keep running.
+    pub async fn kill_agent(&mut self) {
+        if let Some(h) = self.agent.take() {
+            h.abort();
+            let _ = h.await;
+        }
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.admin.clone(), "default")
+    }
+
+    pub async fn create_pod(&self, pod: serde_json::Value) -> Result<Pod> {
+        let mut pod: Pod = serde_json::from_value(pod)?;
+        pod.spec.as_mut().context("spec")?.node_name = Some(self.node.clone());
+        Ok(self.pods().create(&PostParams::default(), &pod).await?)
+    }
+
+    /// Watches the pod (every status the agent reports) until `done` holds; fails with its
+    /// last status after `timeout`.
+    pub async fn wait_pod(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&Pod) -> bool,
+    ) -> Result<Pod> {
+        let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut events = std::pin::pin!(watcher::watcher(self.pods(), wc));
+        let mut last: Option<Pod> = None;
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(ev) = events.next().await {
+                if let Event::Apply(p) | Event::InitApply(p) = ev? {
+                    if done(&p) {
+                        return Ok(p);
+                    }
+                    last = Some(p);
+                }
+            }
+            bail!("watch of pod {name} ended")
+        })
+        .await;
+        match found {
+            Ok(r) => r,
+            Err(_) => bail!(
+                "pod {name}: timed out waiting for {what}; status: {}",
+                serde_json::to_string_pretty(&last.and_then(|p| p.status))?
+            ),
+        }
+    }
+
+    pub async fn wait_gone(&self, name: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.pods().get_opt(name).await?.is_some() {
+            if Instant::now() > deadline {
+                bail!("pod {name} still exists after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until the runtime holds nothing of pod `uid` (containers, sandbox, record).
+    pub async fn wait_no_leftovers(&self, uid: &str) -> Result<()> {
+        let ctx = PodRuntime::new(&self.cfg, std::net::IpAddr::from([127, 0, 0, 1]))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ctx.local_pods().iter().any(|u| u == uid) {
+            if Instant::now() > deadline {
+                bail!("leftovers of pod {uid} remain");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// Host ends of veths on the test bridge.
+    pub fn bridge_ports(&self) -> Vec<String> {
+        sh(&format!(
+            "ip -o link show master {} 2>/dev/null",
+            self.bridge()
+        ))
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|s| s.split('@').next().unwrap_or(s).to_string())
+        .collect()
+    }
+
+    fn cleanup_network(&self) {
+        let br = self.bridge();
+        sh(&format!(
+            "for l in $(ip -o link show master {br} 2>/dev/null | awk -F': ' '{{print $2}}' | cut -d@ -f1); do ip link del $l; done; ip link del {br} 2>/dev/null; true"
+        ));
+    }
+}
+
+impl Cluster {
+    /// Reasons of the events recorded about pod `name`, oldest first.
+    pub async fn event_reasons(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .events(name)
+            .await?
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    /// (reason, message) of the events recorded about pod `name`, oldest first.
+    pub async fn events(&self, name: &str) -> Result<Vec<(String, String)>> {
+        let api: Api<k8s_openapi::api::core::v1::Event> =
+            Api::namespaced(self.admin.clone(), "default");
+        let mut evs: Vec<_> = api
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|e| e.involved_object.name.as_deref() == Some(name))
+            .collect();
+        evs.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        Ok(evs
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect())
+    }
+
+    /// Waits until the pod's events include every reason of `want`.
+    pub async fn wait_events(&self, name: &str, want: &[&str]) -> Result<Vec<String>> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.event_reasons(name).await?;
+            if want.iter().all(|w| got.iter().any(|g| g == w)) {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!("pod {name}: events {got:?} lack some of {want:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+pub fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("")
+}
+
+pub fn condition(p: &Pod, ty: &str) -> Option<String> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == ty)
+        .map(|c| c.status.clone())
+}
+
+pub fn container(p: &Pod) -> k8s_openapi::api::core::v1::ContainerStatus {
+    p.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first().cloned())
+        .unwrap_or_default()
+}
+
+pub fn waiting_reason(p: &Pod) -> Option<String> {
+    container(p).state?.waiting?.reason
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(h) = self.agent.take() {
+            h.abort();
+        }
+        if let Ok(ctx) = PodRuntime::new(&self.cfg, std::net::IpAddr::from([127, 0, 0, 1])) {
+            for uid in ctx.local_pods() {
+                if let Err(e) = ctx.teardown(&uid) {
+                    eprintln!("cleanup pod {uid}: {e}");
+                }
+            }
+        }
+        self.cleanup_network();
+        if let Some(s) = self.server.take() {
+            s.stop();
+        }
+        let _ = fs::remove_file(Path::new(CLAIMS).join(self.x.to_string()));
+    }
+}

@@ -1,0 +1,127 @@
+//! `oxlet agent`: the node agent (kubelet's job) against an API server, until SIGTERM or Ctrl-C.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Kubeconfig with this node's identity (`oxlet node-kubeconfig` writes one).
+    #[arg(long)]
+    kubeconfig: PathBuf,
+    /// The Node's name; the host name by default.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Volatile state: libcontainer, sandbox namespaces.
+    #[arg(long, default_value = "/run/oxlet")]
+    run_dir: PathBuf,
+    /// Container logs.
+    #[arg(long, default_value = "/var/log/pods")]
+    log_dir: PathBuf,
+    #[arg(long, default_value = cni::client::DEFAULT_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked for, in order (comma-separated); the first gets
+    /// oxlet-bridge when a default configuration is written.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "/opt/cni/bin,/usr/lib/cni"
+    )]
+    cni_bin_dir: Vec<PathBuf>,
+    #[arg(long, default_value = cni::client::DEFAULT_CACHE_DIR)]
+    cni_cache_dir: PathBuf,
+    /// Pod range for the default CNI configuration when the Node has no spec.podCIDR.
+    #[arg(long)]
+    pod_cidr: Option<String>,
+    /// The node's InternalIP; by default the address of the default route's interface.
+    #[arg(long)]
+    node_ip: Option<IpAddr>,
+    /// The oxlet-shim executable; by default the one next to this program.
+    #[arg(long)]
+    shim: Option<PathBuf>,
+    /// First CrashLoopBackOff / image pull back-off delay in seconds, doubling to 300.
+    #[arg(long, default_value_t = 10)]
+    backoff_seconds: u64,
+    /// Resources kept from pods, as kubelet's --system-reserved: cpu=500m,memory=1Gi,...
+    #[arg(long, value_delimiter = ',', value_parser = parse_reserved)]
+    reserved: Vec<(String, String)>,
+    /// Registries (host:port) to pull from over plain HTTP besides loopback.
+    #[arg(long)]
+    insecure_registry: Vec<String>,
+}
+
+fn parse_reserved(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not RESOURCE=QUANTITY"))?;
+    if !matches!(k, "cpu" | "memory" | "ephemeral-storage") {
+        return Err(format!(
+            "cannot reserve {k:?}: cpu, memory or ephemeral-storage"
+        ));
+    }
+    let q = k8s_openapi::apimachinery::pkg::api::resource::Quantity(v.to_string());
+    let ok = if k == "cpu" {
+        runtime::cgroup::cpu_milli(&q).is_ok()
+    } else {
+        runtime::cgroup::memory_bytes(&q).is_ok()
+    };
+    if !ok {
+        return Err(format!("{v:?} is not a quantity"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn sibling(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.join(name))
+}
+
+pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
+    let node_name = match args.node_name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()?
+            .into_string()
+            .map_err(|h| anyhow::anyhow!("host name {h:?} is not UTF-8"))?
+            .to_lowercase(),
+    };
+    let mut cfg = agent::Config::new(node_name);
+    cfg.data_dir = data_dir.to_path_buf();
+    cfg.run_dir = args.run_dir;
+    cfg.log_dir = args.log_dir;
+    cfg.cni_conf_dir = args.cni_conf_dir;
+    cfg.cni_bin_dirs = args.cni_bin_dir;
+    cfg.cni_cache_dir = args.cni_cache_dir;
+    cfg.pod_cidr = args.pod_cidr;
+    cfg.node_ip = args.node_ip;
+    cfg.insecure_registries = args.insecure_registry;
+    cfg.reserved = args
+        .reserved
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity(v),
+            )
+        })
+        .collect();
+    cfg.backoff_base = Duration::from_secs(args.backoff_seconds.max(1));
+    cfg.shim = args
+        .shim
+        .or_else(|| sibling("oxlet-shim"))
+        .context("cannot find oxlet-shim; pass --shim")?;
+    cfg.bridge_plugin = sibling("oxlet-bridge").filter(|p| p.is_file());
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(&args.kubeconfig)
+            .with_context(|| format!("read {}", args.kubeconfig.display()))?;
+        let kcfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        let client = kube::Client::try_from(kcfg)?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = agent::run(client, cfg) => Ok(r?),
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}
