@@ -78,6 +78,9 @@ pub struct Config {
     pub node_status_report_interval: Duration,
     /// How often a pod worker re-reads its containers' state from the runtime.
     pub pod_resync: Duration,
+    /// How long to wait for the Node's spec.podCIDR when no CNI configuration exists and no
+    /// pod range was given.
+    pub pod_cidr_wait: Duration,
     /// Registries to pull from over plain HTTP besides loopback.
     pub insecure_registries: Vec<String>,
     /// Resources kept from pods (kubelet's system-reserved plus kube-reserved): cpu, memory,
@@ -108,6 +111,7 @@ impl Config {
             node_status_interval: Duration::from_secs(10),
             node_status_report_interval: Duration::from_secs(300),
             pod_resync: Duration::from_secs(1),
+            pod_cidr_wait: Duration::from_secs(30),
             insecure_registries: Vec::new(),
             reserved: Default::default(),
         }
@@ -128,11 +132,15 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
             }
         }
     };
-    let pod_cidr = node
+    let mut pod_cidr = node
         .spec
         .as_ref()
         .and_then(|s| s.pod_cidr.clone())
         .or_else(|| cfg.pod_cidr.clone());
+    if pod_cidr.is_none() && network::needs_default_config(&cfg) {
+        // As kubelet: the range comes from the Node once node IPAM has given it one.
+        pod_cidr = node::wait_for_pod_cidr(&client, &cfg.node_name, cfg.pod_cidr_wait).await;
+    }
     network::ensure_default_config(&cfg, pod_cidr.as_deref())?;
     let host_ip = node::internal_ip(&cfg);
     let ctx = Arc::new(pod_runtime::PodRuntime::new(&cfg, host_ip)?);

@@ -27,6 +27,11 @@ pub fn default_config(cidr: &str) -> serde_json::Value {
     })
 }
 
+/// Whether no valid CNI configuration exists yet (the default one would be written).
+pub fn needs_default_config(cfg: &Config) -> bool {
+    NetworkConfigList::load_first(&cfg.cni_conf_dir).is_err()
+}
+
 /// Writes the default configuration and installs `oxlet-bridge` when the config dir has no
 /// valid configuration and a pod CIDR is known; otherwise leaves everything as it is.
 pub fn ensure_default_config(cfg: &Config, pod_cidr: Option<&str>) -> Result<()> {

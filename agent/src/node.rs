@@ -296,6 +296,28 @@ pub async fn register(client: &kube::Client, cfg: &Config) -> Result<Node> {
     patch_status(&api, &cfg.node_name, &status).await
 }
 
+/// The Node's spec.podCIDR once it has one, polling for at most `limit`.
+pub async fn wait_for_pod_cidr(
+    client: &kube::Client,
+    name: &str,
+    limit: std::time::Duration,
+) -> Option<String> {
+    let api: Api<Node> = Api::all(client.clone());
+    let start = std::time::Instant::now();
+    loop {
+        if let Ok(n) = api.get(name).await {
+            if let Some(c) = n.spec.and_then(|s| s.pod_cidr) {
+                return Some(c);
+            }
+        }
+        if start.elapsed() >= limit {
+            tracing::warn!(node = name, "the Node got no spec.podCIDR in {limit:?}");
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 async fn patch_status(api: &Api<Node>, name: &str, status: &NodeStatus) -> Result<Node> {
     let patch = serde_json::json!({ "status": status });
     Ok(api

@@ -33,7 +33,8 @@ enum Command {
     /// Manage images: pull, list, remove, import.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
-    /// Run the single-node cluster (control plane and kube-proxy) until SIGTERM or Ctrl-C.
+    /// Run the single-node cluster (control plane, node agent and kube-proxy) until SIGTERM or
+    /// Ctrl-C.
     Up(up_cmd::UpArgs),
     /// Run the node agent: register this node and run the pods bound to it.
     Agent(agent_cmd::AgentArgs),

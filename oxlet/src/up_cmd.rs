@@ -1,6 +1,6 @@
 //! `oxlet up`: the single-node cluster in one process. The control plane (API server,
-//! controllers, scheduler) and the node's kube-proxy, each speaking the Kubernetes API through
-//! an in-process client under its own identity.
+//! controllers, scheduler), the node agent and the node's kube-proxy, each speaking the
+//! Kubernetes API through an in-process client under its own identity.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +36,35 @@ pub struct UpArgs {
     /// Run without the node's kube-proxy (no nftables rules for Services).
     #[arg(long)]
     no_proxy: bool,
+    /// Run without the node agent (the control plane schedules, nothing runs pods here).
+    #[arg(long)]
+    no_agent: bool,
+    /// The agent's volatile state: libcontainer, sandbox namespaces.
+    #[arg(long, default_value = "/run/oxlet")]
+    run_dir: PathBuf,
+    /// Container logs.
+    #[arg(long, default_value = "/var/log/pods")]
+    log_dir: PathBuf,
+    /// CNI configuration; the default oxlet-bridge one (from the Node's pod range) is written
+    /// here when it holds none.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked for, in order (comma-separated); the first gets
+    /// oxlet-bridge when the default configuration is written.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "/opt/cni/bin,/usr/lib/cni"
+    )]
+    cni_bin_dir: Vec<PathBuf>,
+    /// CNI results cache and host-local IPAM state.
+    #[arg(long, default_value = "/var/lib/cni")]
+    cni_cache_dir: PathBuf,
+}
+
+fn sibling(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.parent()?.join(name))
 }
 
 fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -102,12 +131,37 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
             });
             eprintln!("kube-proxy: nftables table ip oxlet-proxy");
         }
+        if !args.no_agent {
+            let mut acfg = agent::Config::new(node.clone());
+            acfg.data_dir = data_dir.to_path_buf();
+            acfg.run_dir = args.run_dir;
+            acfg.log_dir = args.log_dir;
+            acfg.cni_conf_dir = args.cni_conf_dir;
+            acfg.cni_bin_dirs = args.cni_bin_dir;
+            acfg.cni_cache_dir = args.cni_cache_dir;
+            acfg.shim = sibling("oxlet-shim")
+                .filter(|p| p.is_file())
+                .context("oxlet-shim is not next to oxlet")?;
+            acfg.bridge_plugin = sibling("oxlet-bridge").filter(|p| p.is_file());
+            let id = Identity {
+                user: format!("{}{node}", control::certs::NODE_USER_PREFIX),
+                groups: vec!["system:nodes".into(), "system:authenticated".into()],
+            };
+            let client = server.client(id);
+            parts.spawn(async move {
+                if let Err(e) = agent::run(client, acfg).await {
+                    tracing::error!("node agent stopped: {e}");
+                }
+            });
+            eprintln!("node agent: node {node}");
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        // The proxy's rules stay in place, as kube-proxy's do when it stops.
+        // Pods keep running (as when kubelet stops) and the proxy's rules stay in place, as
+        // kube-proxy's do; a later `oxlet up` adopts them.
         parts.abort_all();
         server.stop();
         Ok(())

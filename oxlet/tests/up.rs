@@ -1,5 +1,6 @@
-//! `oxlet up` as a user runs it: the control plane and the node's kube-proxy in one process,
-//! driven by the real kubectl.
+//! `oxlet up` as a user runs it: the control plane, the node agent and the node's kube-proxy in
+//! one process, driven by the real kubectl: a Deployment and its Service answer on the
+//! Service's ClusterIP from this machine.
 //!
 //! Ignored in the parallel run and run alone by `scripts/test`: its kube-proxy owns the
 //! `oxlet-proxy` table and drops traffic to unallocated addresses of 10.96.0.0/12, where other
@@ -79,12 +80,23 @@ fn up_runs_control_plane_and_proxy_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let kc = dir.path().join("admin.kubeconfig");
+    let d = dir.path();
     let child = Command::new(env!("CARGO_BIN_EXE_oxlet"))
         .arg("--data-dir")
-        .arg(dir.path().join("data"))
+        .arg(d.join("data"))
         .args(["up", "--port", &port.to_string(), "--kubeconfig"])
         .arg(&kc)
-        .stderr(Stdio::piped())
+        .arg("--run-dir")
+        .arg(d.join("run"))
+        .arg("--log-dir")
+        .arg(d.join("logs"))
+        .arg("--cni-conf-dir")
+        .arg(d.join("net.d"))
+        .arg("--cni-bin-dir")
+        .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
+        .arg("--cni-cache-dir")
+        .arg(d.join("cni-cache"))
+        .stderr(Stdio::null())
         .spawn()
         .expect("oxlet up starts");
     let mut up = Up {
@@ -127,9 +139,34 @@ fn up_runs_control_plane_and_proxy_until_sigterm() {
         "{out:?}"
     );
 
-    // The controllers and the scheduler run: a Deployment gets its ReplicaSet and pods, which
-    // stay Pending with kube-scheduler's reason while no node exists.
-    let deploy = "apiVersion: apps/v1
+    // The node registers itself and gets a pod range, which its CNI configuration uses.
+    until("the node Ready", Duration::from_secs(30), || {
+        let out = kubectl(
+            &kc,
+            &[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={.items[0].status.conditions[?(@.type=='Ready')].status}",
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout) == "True"
+    });
+    let cidr = ok(kubectl(
+        &kc,
+        &["get", "nodes", "-o", "jsonpath={.items[0].spec.podCIDR}"],
+        None,
+    ));
+    assert_eq!(cidr, "10.244.0.0/24");
+    let conf = std::fs::read_to_string(up.dir.path().join("net.d/10-oxlet.conflist")).unwrap();
+    assert!(
+        conf.contains("10.244.0.0/24") && conf.contains("oxlet-bridge"),
+        "{conf}"
+    );
+
+    // A Deployment and its Service: two pods run, and the ClusterIP reaches both.
+    let web = "apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web}
 spec:
@@ -138,33 +175,80 @@ spec:
   template:
     metadata: {labels: {app: web}}
     spec:
-      containers: [{name: web, image: 127.0.0.1:5000/test/busybox:latest}]
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: web
+        image: 127.0.0.1:5000/test/busybox:latest
+        command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www']
+        ports: [{containerPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
 ";
-    ok(kubectl(&kc, &["apply", "-f", "-"], Some(deploy)));
-    until("2 unschedulable pods", Duration::from_secs(30), || {
-        let out = kubectl(
-            &kc,
-            &[
-                "get",
-                "pods",
-                "-l",
-                "app=web",
-                "-o",
-                "jsonpath={.items[*].status.conditions[0].message}",
-            ],
-            None,
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .matches("0/0 nodes are available")
-            .count()
-            == 2
-    });
+    ok(kubectl(&kc, &["apply", "-f", "-"], Some(web)));
     let out = ok(kubectl(
         &kc,
-        &["get", "rs", "-l", "app=web", "-o", "name"],
+        &["rollout", "status", "deploy/web", "--timeout=120s"],
         None,
     ));
-    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let names = ok(kubectl(
+        &kc,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+        None,
+    ));
+    let names: Vec<&str> = names.split_whitespace().collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let ip = ok(kubectl(
+        &kc,
+        &["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"],
+        None,
+    ));
+    until(
+        "the rule for the web Service with two endpoints",
+        Duration::from_secs(20),
+        || {
+            let out = Command::new("nft")
+                .args(["list", "table", "ip", "oxlet-proxy"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains(&format!("{ip} . tcp . 80"))
+                && text.matches("chain endpoint-").count() >= 3
+        },
+    );
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", &format!("http://{ip}/")])
+            .output()
+            .unwrap();
+        seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    want.sort();
+    let mut got: Vec<String> = seen.into_iter().collect();
+    got.sort();
+    assert_eq!(got, want, "both pods answer on the ClusterIP");
+    ok(kubectl(&kc, &["delete", "-f", "-"], Some(web)));
+    until("the pods gone", Duration::from_secs(60), || {
+        let out = kubectl(&kc, &["get", "pods", "-o", "name"], None);
+        out.status.success() && out.stdout.is_empty()
+    });
 
     // SIGTERM: it stops, and the proxy's rules stay for traffic already flowing.
     let mut child = up.child.take().unwrap();

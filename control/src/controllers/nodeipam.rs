@@ -1,7 +1,7 @@
 //! Node IPAM: every Node gets `spec.podCIDR` (and `podCIDRs`), a /24 (the mask is a flag) of
 //! the cluster CIDR that no other node has.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -27,9 +27,9 @@ pub fn start(tasks: &mut JoinSet<()>, ctx: Arc<Ctx>) {
         q.add(n.name_any());
     }
     // One worker: two nodes never pick the same range.
-    let taken = Arc::new(std::sync::Mutex::new(HashSet::<u32>::new()));
+    let assigned = Arc::new(std::sync::Mutex::new(HashMap::<String, u32>::new()));
     q.run(tasks, 1, move |name| {
-        reconcile(ctx.clone(), taken.clone(), name)
+        reconcile(ctx.clone(), assigned.clone(), name)
     });
 }
 
@@ -53,17 +53,33 @@ pub fn first_free(cluster: (Ipv4Addr, u8), mask: u8, taken: &HashSet<u32>) -> Op
         .map(Ipv4Addr::from)
 }
 
+/// `assigned` remembers what this controller gave each node, so that a cache that has not yet
+/// shown a node's range never makes it pick a second one.
 async fn reconcile(
     ctx: Arc<Ctx>,
-    taken: Arc<std::sync::Mutex<HashSet<u32>>>,
+    assigned: Arc<std::sync::Mutex<HashMap<String, u32>>>,
     name: String,
 ) -> Result<Action, Error> {
     let Some(node) = ctx.nodes.get(None, &name) else {
+        assigned.lock().expect("assigned lock").remove(&name);
         return Ok(Action::Done);
     };
-    let have = node.spec.as_ref().and_then(|s| s.pod_cidr.clone());
+    let have = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidr.as_deref())
+        .and_then(parse_cidr);
     let cidr = {
-        let mut t = taken.lock().expect("taken lock");
+        let mut a = assigned.lock().expect("assigned lock");
+        if let Some((ip, _)) = have {
+            a.insert(name.clone(), u32::from(ip));
+            return Ok(Action::Done);
+        }
+        if a.contains_key(&name) {
+            // Given already; the cache will show it.
+            return Ok(Action::Done);
+        }
+        let mut taken: HashSet<u32> = a.values().copied().collect();
         for n in ctx.nodes.store().state() {
             if let Some((ip, _)) = n
                 .spec
@@ -71,26 +87,28 @@ async fn reconcile(
                 .and_then(|s| s.pod_cidr.as_deref())
                 .and_then(parse_cidr)
             {
-                t.insert(u32::from(ip));
+                taken.insert(u32::from(ip));
             }
         }
-        if have.is_some() {
-            return Ok(Action::Done);
-        }
         let mask = ctx.cfg.node_cidr_mask;
-        let ip = first_free(ctx.cfg.cluster_cidr, mask, &t).ok_or_else(|| {
+        let ip = first_free(ctx.cfg.cluster_cidr, mask, &taken).ok_or_else(|| {
             Error::CidrFull(
                 format!("{}/{}", ctx.cfg.cluster_cidr.0, ctx.cfg.cluster_cidr.1),
                 mask,
             )
         })?;
-        t.insert(u32::from(ip));
+        a.insert(name.clone(), u32::from(ip));
         format!("{ip}/{mask}")
     };
     let api: Api<Node> = Api::all(ctx.client.clone());
     let patch = json!({"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    if let Err(e) = api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        assigned.lock().expect("assigned lock").remove(&name);
+        return Err(e.into());
+    }
     tracing::info!(node = %name, %cidr, "pod CIDR allocated");
     Ok(Action::Done)
 }
