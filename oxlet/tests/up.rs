@@ -24,6 +24,11 @@ impl Drop for Up {
         let _ = Command::new(env!("CARGO_BIN_EXE_oxlet"))
             .args(["proxy", "--cleanup"])
             .output();
+        // The bridge of the default CNI configuration (agent::network names it).
+        let _ = Command::new("ip")
+            .args(["link", "del", "oxlet0"])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
