@@ -10,8 +10,9 @@ use std::os::unix::fs::PermissionsExt;
 pub const DEFAULT_CONF: &str = "10-oxlet.conflist";
 pub const BRIDGE: &str = "oxlet0";
 
-/// The default network configuration list for pod range `cidr`.
-pub fn default_config(cidr: &str) -> serde_json::Value {
+/// The default network: `oxlet-bridge` with host-local addresses of `cidr`, whose leases are
+/// kept below the agent's CNI cache dir (`<cache>/networks/oxlet`).
+pub fn default_config(cidr: &str, cache_dir: &std::path::Path) -> serde_json::Value {
     serde_json::json!({
         "cniVersion": "1.1.0",
         "name": "oxlet",
@@ -22,7 +23,8 @@ pub fn default_config(cidr: &str) -> serde_json::Value {
             "isDefaultGateway": true,
             "ipMasq": true,
             "hairpinMode": true,
-            "ipam": {"type": "host-local", "ranges": [[{"subnet": cidr}]]}
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": cidr}]],
+                "dataDir": cache_dir.join("networks").to_string_lossy()}
         }]
     })
 }
@@ -45,7 +47,8 @@ pub fn ensure_default_config(cfg: &Config, pod_cidr: Option<&str>) -> Result<()>
     let dir = &cfg.cni_conf_dir;
     std::fs::create_dir_all(dir).map_err(Error::io(format!("create {}", dir.display())))?;
     let path = dir.join(DEFAULT_CONF);
-    let text = serde_json::to_vec_pretty(&default_config(cidr)).expect("config serializes");
+    let text = serde_json::to_vec_pretty(&default_config(cidr, &cfg.cni_cache_dir))
+        .expect("config serializes");
     std::fs::write(&path, text).map_err(Error::io(format!("write {}", path.display())))?;
     tracing::info!(path = %path.display(), cidr, "wrote default CNI configuration");
     let installed = cfg
