@@ -59,19 +59,11 @@ pub async fn reconcile(
     key: Key,
 ) -> Result<Action, Error> {
     let (ns, name) = (&key.0, &key.1);
-    let Some(job) = ctx.jobs.get(Some(ns), name) else {
-        exp.forget(&key);
-        return Ok(Action::Done);
+    let (job, all) = match super::owner_and_pods(&ctx, &ctx.jobs, &exp, &key) {
+        super::Owner::Gone => return Ok(Action::Done),
+        super::Owner::Lagging(action) => return Ok(action),
+        super::Owner::Ready(o, pods) => (o, pods),
     };
-    let all = ctx.pods.in_namespace(ns);
-    let live = |n: &str| {
-        all.iter().any(|p| {
-            p.metadata.name.as_deref() == Some(n) && p.metadata.deletion_timestamp.is_none()
-        })
-    };
-    if !exp.satisfied(&key, live) {
-        return Ok(Action::After(Duration::from_secs(1)));
-    }
     let spec = job.spec.clone().unwrap_or_default();
     let uid = job.metadata.uid.clone().unwrap_or_default();
     let mine: Vec<Arc<Pod>> = all

@@ -92,6 +92,43 @@ pub struct Ctx {
     pub events: events::Recorder,
 }
 
+/// What a pod-owning controller starts a pass with.
+pub enum Owner<K> {
+    /// The object is gone: its expectations are dropped.
+    Gone,
+    /// The pod cache has not shown this controller's last creates or deletes yet; it will,
+    /// and that requeues the key (the action is a fallback).
+    Lagging(queue::Action),
+    /// The object and every pod of its namespace.
+    Ready(Arc<K>, Vec<Arc<Pod>>),
+}
+
+/// Looks `key` up in `inf` and checks `exp` against the pod cache.
+pub fn owner_and_pods<K>(
+    ctx: &Ctx,
+    inf: &Informer<K>,
+    exp: &Expectations<Key>,
+    key: &Key,
+) -> Owner<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let Some(obj) = inf.get(Some(&key.0), &key.1) else {
+        exp.forget(key);
+        return Owner::Gone;
+    };
+    let pods = ctx.pods.in_namespace(&key.0);
+    let live = |n: &str| {
+        pods.iter().any(|p| {
+            p.metadata.name.as_deref() == Some(n) && p.metadata.deletion_timestamp.is_none()
+        })
+    };
+    if !exp.satisfied(key, live) {
+        return Owner::Lagging(queue::Action::After(Duration::from_secs(1)));
+    }
+    Owner::Ready(obj, pods)
+}
+
 fn key_of<K: kube::Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
 }

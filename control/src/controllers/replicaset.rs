@@ -26,20 +26,11 @@ pub async fn reconcile(
     key: Key,
 ) -> Result<Action, Error> {
     let (ns, name) = (&key.0, &key.1);
-    let Some(rs) = ctx.replicasets.get(Some(ns), name) else {
-        exp.forget(&key);
-        return Ok(Action::Done);
+    let (rs, all) = match super::owner_and_pods(&ctx, &ctx.replicasets, &exp, &key) {
+        super::Owner::Gone => return Ok(Action::Done),
+        super::Owner::Lagging(action) => return Ok(action),
+        super::Owner::Ready(o, pods) => (o, pods),
     };
-    let all = ctx.pods.in_namespace(ns);
-    let live = |n: &str| {
-        all.iter().any(|p| {
-            p.metadata.name.as_deref() == Some(n) && p.metadata.deletion_timestamp.is_none()
-        })
-    };
-    if !exp.satisfied(&key, live) {
-        // The cache has not shown our last creates or deletes yet: it will, and requeue us.
-        return Ok(Action::After(std::time::Duration::from_secs(1)));
-    }
     let spec = rs.spec.clone().unwrap_or_default();
     let uid = rs.metadata.uid.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
