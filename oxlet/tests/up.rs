@@ -81,7 +81,7 @@ fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
 
 #[test]
 #[ignore = "run alone by scripts/test (owns the oxlet-proxy table and 10.96.0.0/12)"]
-fn up_runs_control_plane_and_proxy_until_sigterm() {
+fn up_runs_a_deployment_behind_a_service_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let kc = dir.path().join("admin.kubeconfig");
