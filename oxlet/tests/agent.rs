@@ -10,6 +10,8 @@ async fn agent_registers_the_node_and_writes_a_default_network() {
     let mut scfg = control::Config::new(dir.path().join("control"));
     scfg.listen = "127.0.0.1:0".parse().unwrap();
     scfg.kubeconfig = dir.path().join("admin.kubeconfig");
+    // No node IPAM: the pod range comes from --pod-cidr, as on a cluster that gives none.
+    scfg.controllers = false;
     let server = control::start(scfg).await.unwrap();
     let kubeconfig = dir.path().join("node.kubeconfig");
     control::certs::Pki::new(&dir.path().join("control"))
