@@ -437,7 +437,7 @@ impl PodRuntime {
         }
         self.rt.remove_sandbox(uid)?;
         if let Some(rec) = &rec {
-            runtime::cgroup::remove_cgroup(&rec.cgroup)?;
+            runtime::cgroup::remove_pod_cgroup(&rec.cgroup)?;
             let logs = self.log_dir(&rec.namespace, &rec.name, uid);
             let _ = std::fs::remove_dir_all(logs);
         }

@@ -212,6 +212,8 @@ pub fn pod_resources(spec: &PodSpec) -> Result<(u64, Option<i64>, Option<i64>)> 
 /// Safe to call again: existing cgroups are reused and their limits rewritten.
 pub fn ensure_pod_cgroup(spec: &PodSpec, pod_uid: &str) -> Result<String> {
     let qos = qos_class(spec)?;
+    // Held while the QoS levels may be missing: a removal never takes one from under a new pod.
+    let _qos = QOS_LEVELS.lock().unwrap_or_else(|e| e.into_inner());
     let path = pod_cgroup_path(qos, pod_uid);
     if qos == QosClass::BestEffort {
         build(
@@ -257,6 +259,26 @@ fn build(path: &str, b: CgroupBuilder) -> Result<Cgroup> {
             path: path.to_string(),
             source,
         })
+}
+
+/// Serializes creating the node-wide QoS levels with removing them once empty.
+static QOS_LEVELS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Removes a pod cgroup (see `remove_cgroup`), then the QoS levels above it that no pod uses
+/// any more (`kubepods/burstable`, `kubepods/besteffort`, `kubepods`): a node without pods
+/// leaves no cgroups behind.
+pub fn remove_pod_cgroup(path: &str) -> Result<()> {
+    remove_cgroup(path)?;
+    let _qos = QOS_LEVELS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut parent = Path::new(path).parent();
+    while let Some(p) = parent.filter(|p| p.starts_with("kubepods")) {
+        for root in controller_roots() {
+            // Fails (busy, not empty) while another pod or level is below: then it stays.
+            let _ = std::fs::remove_dir(root.join(p));
+        }
+        parent = p.parent();
+    }
+    Ok(())
 }
 
 /// Removes a cgroup and everything left below it (leaf first), in every hierarchy.

@@ -446,11 +446,6 @@ fn pod_cgroups_follow_qos() {
         0
     );
     container::delete(&env.paths, &b.id).unwrap();
-    runtime::cgroup::remove_cgroup(&path).unwrap();
+    runtime::cgroup::remove_pod_cgroup(&path).unwrap();
     assert!(!cpu.exists() && !mem.exists());
-    // The QoS levels are node-wide; they go only when no other pod uses them.
-    for root in runtime::cgroup::controller_roots() {
-        let _ = std::fs::remove_dir(root.join("kubepods/burstable"));
-        let _ = std::fs::remove_dir(root.join("kubepods"));
-    }
 }
