@@ -194,6 +194,18 @@ fn or_none(x: &str) -> String {
     }
 }
 
+/// A string map as `k=v,k2=v2`, or `<none>`.
+fn pairs(v: &Value, p: &str) -> String {
+    let kv: Vec<String> = v
+        .pointer(p)
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    or_none(&kv.join(","))
+}
+
 fn count(v: &Value, p: &str) -> i64 {
     match v.pointer(p) {
         Some(Value::Object(m)) => m.len() as i64,
@@ -304,13 +316,7 @@ fn cells(kind: &str, o: &Value, age: String) -> Vec<Value> {
         }
         "DaemonSet" => {
             let (c, im, sel) = template_columns(o);
-            let node_sel: Vec<String> = o
-                .pointer("/spec/template/spec/nodeSelector")
-                .and_then(Value::as_object)
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect();
+            let node_sel = pairs(o, "/spec/template/spec/nodeSelector");
             vec![
                 name,
                 json!(i(o, "/status/desiredNumberScheduled")),
@@ -318,7 +324,7 @@ fn cells(kind: &str, o: &Value, age: String) -> Vec<Value> {
                 json!(i(o, "/status/numberReady")),
                 json!(i(o, "/status/updatedNumberScheduled")),
                 json!(i(o, "/status/numberAvailable")),
-                json!(or_none(&node_sel.join(","))),
+                json!(node_sel),
                 json!(age),
                 json!(c),
                 json!(im),
@@ -395,13 +401,7 @@ fn cells(kind: &str, o: &Value, age: String) -> Vec<Value> {
             } else {
                 or_none(&ext.join(","))
             };
-            let sel: Vec<String> = o
-                .pointer("/spec/selector")
-                .and_then(Value::as_object)
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                .collect();
+            let sel = pairs(o, "/spec/selector");
             vec![
                 name,
                 json!(s(o, "/spec/type")),
@@ -409,7 +409,7 @@ fn cells(kind: &str, o: &Value, age: String) -> Vec<Value> {
                 json!(ext),
                 json!(or_none(&ports.join(","))),
                 json!(age),
-                json!(or_none(&sel.join(","))),
+                json!(sel),
             ]
         }
         "Namespace" => vec![name, json!(s(o, "/status/phase")), json!(age)],

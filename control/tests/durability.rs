@@ -3,51 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
-
-/// The server as a child process; killed with SIGKILL when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(dir: &Path) -> Result<Proc> {
-    let kc = dir.join("admin.kubeconfig");
-    let _ = std::fs::remove_file(&kc);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_oxlet-apiserver"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .arg("--kubeconfig")
-        .arg(&kc)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawn oxlet-apiserver")?;
-    // The server prints one line once it listens and the kubeconfig is written.
-    let stderr = child.stderr.take().expect("piped");
-    let mut line = String::new();
-    BufReader::new(stderr).read_line(&mut line)?;
-    if !line.contains("oxlet API server on") {
-        let _ = child.kill();
-        bail!("server did not start: {line}");
-    }
-    Ok(Proc(child))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_keeps_every_acknowledged_write() -> Result<()> {
@@ -56,7 +17,7 @@ async fn kill_9_keeps_every_acknowledged_write() -> Result<()> {
     let ca_before;
     let mut acked = Vec::new();
     {
-        let proc = spawn(dir.path())?;
+        let proc = common::spawn_apiserver(dir.path())?;
         ca_before = std::fs::read(dir.path().join("data/pki/ca.crt"))?;
         let client = common::client_for(&kc).await?;
         let cms: Api<ConfigMap> = Api::namespaced(client, "default");
@@ -93,7 +54,7 @@ async fn kill_9_keeps_every_acknowledged_write() -> Result<()> {
         acked.len()
     );
 
-    let _proc = spawn(dir.path())?;
+    let _proc = common::spawn_apiserver(dir.path())?;
     assert_eq!(
         std::fs::read(dir.path().join("data/pki/ca.crt"))?,
         ca_before,

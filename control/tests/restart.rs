@@ -5,47 +5,13 @@ mod common;
 #[path = "common/fake_kubelet.rs"]
 mod fake_kubelet;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(dir: &Path) -> Result<Proc> {
-    let kc = dir.join("admin.kubeconfig");
-    let _ = std::fs::remove_file(&kc);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_oxlet-apiserver"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--listen", "127.0.0.1:0", "--kubeconfig"])
-        .arg(&kc)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawn oxlet-apiserver")?;
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().expect("piped")).read_line(&mut line)?;
-    if !line.contains("oxlet API server on") {
-        let _ = child.kill();
-        bail!("server did not start: {line}");
-    }
-    Ok(Proc(child))
-}
 
 async fn rolled_out(deploys: &Api<Deployment>, replicas: i32, limit: Duration) -> Result<()> {
     let t = Instant::now();
@@ -72,7 +38,7 @@ async fn a_rollout_resumes_after_the_control_plane_is_killed() -> Result<()> {
     let kc = dir.path().join("admin.kubeconfig");
     let replicas = 6;
     {
-        let _server = spawn(dir.path())?;
+        let _server = common::spawn_apiserver(dir.path())?;
         let client = common::client_for(&kc).await?;
         let _kubelet =
             fake_kubelet::start(client.clone(), "node-1", Duration::from_millis(400)).await?;
@@ -111,7 +77,7 @@ async fn a_rollout_resumes_after_the_control_plane_is_killed() -> Result<()> {
         }
         // The server and the kubelet go away here, SIGKILL for the server.
     }
-    let _server = spawn(dir.path())?;
+    let _server = common::spawn_apiserver(dir.path())?;
     let client = common::client_for(&kc).await?;
     let _kubelet =
         fake_kubelet::start(client.clone(), "node-1", Duration::from_millis(100)).await?;

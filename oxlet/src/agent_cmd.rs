@@ -73,7 +73,8 @@ fn parse_reserved(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-fn sibling(name: &str) -> Option<PathBuf> {
+/// A program installed next to this one (`oxlet-shim`, `oxlet-bridge`).
+pub(crate) fn sibling(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     Some(exe.parent()?.join(name))
 }

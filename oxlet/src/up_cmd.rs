@@ -18,8 +18,8 @@ pub struct UpArgs {
     #[arg(long, default_value = "/etc/oxlet/admin.kubeconfig")]
     kubeconfig: PathBuf,
     /// Pod addresses: each node gets a range of it as spec.podCIDR.
-    #[arg(long, default_value = "10.244.0.0/16", value_parser = parse_cidr)]
-    cluster_cidr: (std::net::Ipv4Addr, u8),
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: ipnet::Ipv4Net,
     /// Prefix length of each node's pod range.
     #[arg(long, default_value_t = 24)]
     node_cidr_mask_size: u8,
@@ -62,23 +62,6 @@ pub struct UpArgs {
     cni_cache_dir: PathBuf,
 }
 
-fn sibling(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    Some(exe.parent()?.join(name))
-}
-
-fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
-    let (ip, len) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?} is not an IPv4 CIDR such as 10.244.0.0/16"))?;
-    let ip = ip.parse().map_err(|e| format!("{ip:?}: {e}"))?;
-    let len: u8 = len.parse().map_err(|e| format!("{len:?}: {e}"))?;
-    if len > 32 {
-        return Err(format!("prefix length {len} is more than 32"));
-    }
-    Ok((ip, len))
-}
-
 /// `50s`, `2m`, `1h` or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -100,7 +83,8 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
         let mut cfg = control::Config::new(data_dir);
         cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
         cfg.kubeconfig = args.kubeconfig;
-        cfg.controller_cfg.cluster_cidr = args.cluster_cidr;
+        cfg.controller_cfg.cluster_cidr =
+            (args.cluster_cidr.network(), args.cluster_cidr.prefix_len());
         cfg.controller_cfg.node_cidr_mask = args.node_cidr_mask_size;
         cfg.controller_cfg.node_monitor_grace_period = args.node_monitor_grace_period;
         let node = match args.node_name {
@@ -120,8 +104,7 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
         let mut parts = tokio::task::JoinSet::new();
         if !args.no_proxy {
             let mut pcfg = proxy::Config::new(node.clone());
-            let (ip, len) = args.cluster_cidr;
-            pcfg.cluster_cidr = format!("{ip}/{len}").parse().context("--cluster-cidr")?;
+            pcfg.cluster_cidr = args.cluster_cidr;
             pcfg.nodeport_addresses = args.nodeport_addresses.parse()?;
             let client = server.client(Identity::component("system:kube-proxy"));
             parts.spawn(async move {
@@ -139,10 +122,10 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
             acfg.cni_conf_dir = args.cni_conf_dir;
             acfg.cni_bin_dirs = args.cni_bin_dir;
             acfg.cni_cache_dir = args.cni_cache_dir;
-            acfg.shim = sibling("oxlet-shim")
+            acfg.shim = crate::agent_cmd::sibling("oxlet-shim")
                 .filter(|p| p.is_file())
                 .context("oxlet-shim is not next to oxlet")?;
-            acfg.bridge_plugin = sibling("oxlet-bridge").filter(|p| p.is_file());
+            acfg.bridge_plugin = crate::agent_cmd::sibling("oxlet-bridge").filter(|p| p.is_file());
             let id = Identity {
                 user: format!("{}{node}", control::certs::NODE_USER_PREFIX),
                 groups: vec!["system:nodes".into(), "system:authenticated".into()],

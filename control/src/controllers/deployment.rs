@@ -787,7 +787,11 @@ impl Run<'_> {
     }
 
     fn complete(&self, new: Option<usize>) -> bool {
-        let s = self.status(new);
+        self.is_complete(&self.status(new))
+    }
+
+    /// Every wanted replica is updated and available, and nothing else runs.
+    fn is_complete(&self, s: &DeploymentStatus) -> bool {
         let want = self.want();
         s.updated_replicas == Some(want)
             && s.replicas == Some(want)
@@ -863,13 +867,7 @@ impl Run<'_> {
             );
         } else if deadline.is_some() {
             status.conditions = Some(conds.clone());
-            let done = {
-                let s = &status;
-                s.updated_replicas == Some(want)
-                    && s.replicas == Some(want)
-                    && s.available_replicas == Some(want)
-                    && s.observed_generation >= self.d.metadata.generation
-            };
+            let done = self.is_complete(&status);
             let old = self.d.status.clone().unwrap_or_default();
             let progressed = status.updated_replicas > old.updated_replicas
                 || status.ready_replicas > old.ready_replicas

@@ -2,10 +2,11 @@
 //! clients for it (kube-rs and the real kubectl binaries).
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 pub struct TestServer {
     pub server: Option<control::Server>,
@@ -151,4 +152,42 @@ pub fn fails(o: Output) -> String {
         stdout(&o)
     );
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The server as a child process; killed with SIGKILL when dropped.
+pub struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `oxlet-apiserver` on a free loopback port with its data in `dir/data` and the admin
+/// kubeconfig at `dir/admin.kubeconfig`, once it listens.
+pub fn spawn_apiserver(dir: &Path) -> Result<Proc> {
+    let kc = dir.join("admin.kubeconfig");
+    let _ = std::fs::remove_file(&kc);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_oxlet-apiserver"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn oxlet-apiserver")?;
+    // The server prints one line once it listens and the kubeconfig is written.
+    let stderr = child.stderr.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stderr).read_line(&mut line)?;
+    if !line.contains("oxlet API server on") {
+        let _ = child.kill();
+        bail!("server did not start: {line}");
+    }
+    Ok(Proc(child))
 }
