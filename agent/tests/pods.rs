@@ -46,7 +46,7 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
     c.start_agent().await?;
 
     let nodes: Api<Node> = Api::all(c.admin.clone());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(20));
     let node = loop {
         if let Some(n) = nodes.get_opt(&c.node).await? {
             if n.status.as_ref().is_some_and(|s| s.conditions.is_some()) {
@@ -77,7 +77,7 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
     assert!(status.capacity.unwrap().contains_key("ephemeral-storage"));
     let leases: Api<Lease> = Api::namespaced(c.admin.clone(), "kube-node-lease");
     let mut lease = None;
-    for _ in 0..50 {
+    for _ in 0..50 * slowdown() {
         lease = leases.get_opt(&c.node).await?;
         if lease.is_some() {
             break;
@@ -122,7 +122,7 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
     assert_eq!((cs.ready, cs.restart_count), (true, 0));
 
     let mut body = String::new();
-    for _ in 0..50 {
+    for _ in 0..50 * slowdown() {
         match http_get(&ip, 8080, &c.bridge()) {
             Ok(b) => {
                 body = b;
@@ -185,7 +185,7 @@ async fn never_pods_succeed_or_fail_with_kubelet_reasons() -> Result<()> {
     assert_eq!((t.exit_code, t.reason.as_deref()), (1, Some("Error")));
     assert_eq!(container(&bad).restart_count, 0);
     // Finished pods give their network back; the objects stay for their status.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(10));
     while !c.bridge_ports().is_empty() {
         assert!(
             std::time::Instant::now() < deadline,

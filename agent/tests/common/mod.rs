@@ -83,6 +83,20 @@ pub struct Cluster {
     agent: Option<tokio::task::JoinHandle<agent::Result<()>>>,
 }
 
+/// Timeouts are safety nets, not measurements: under the cgroup v2 VM's emulation, which sets
+/// `OXLET_TEST_SLOWDOWN`, they stretch by that factor.
+pub fn slowdown() -> u32 {
+    std::env::var("OXLET_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1u32)
+        .max(1)
+}
+
+pub fn patience(d: Duration) -> Duration {
+    d * slowdown()
+}
+
 pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
     let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
@@ -208,7 +222,7 @@ impl Cluster {
         let wc = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let mut events = std::pin::pin!(watcher::watcher(self.pods(), wc));
         let mut last: Option<Pod> = None;
-        let found = tokio::time::timeout(timeout, async {
+        let found = tokio::time::timeout(patience(timeout), async {
             while let Some(ev) = events.next().await {
                 if let Event::Apply(p) | Event::InitApply(p) = ev? {
                     if done(&p) {
@@ -230,7 +244,7 @@ impl Cluster {
     }
 
     pub async fn wait_gone(&self, name: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + patience(timeout);
         while self.pods().get_opt(name).await?.is_some() {
             if Instant::now() > deadline {
                 bail!("pod {name} still exists after {timeout:?}");
@@ -243,7 +257,7 @@ impl Cluster {
     /// Waits until the runtime holds nothing of pod `uid` (containers, sandbox, record).
     pub async fn wait_no_leftovers(&self, uid: &str) -> Result<()> {
         let ctx = PodRuntime::new(&self.cfg, std::net::IpAddr::from([127, 0, 0, 1]))?;
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + patience(Duration::from_secs(20));
         while ctx.local_pods().iter().any(|u| u == uid) {
             if Instant::now() > deadline {
                 bail!("leftovers of pod {uid} remain");
