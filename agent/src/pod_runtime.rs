@@ -425,6 +425,16 @@ impl PodRuntime {
     /// cgroup, logs and record. Idempotent; works from the record alone (the pod object may be
     /// gone).
     pub fn teardown(&self, uid: &str) -> Result<()> {
+        self.teardown_with(uid, true)
+    }
+
+    /// `teardown`, also when the network cannot be told (its configuration or plugin gone):
+    /// removing the namespace still removes the pod's interface; its IP lease may stay.
+    pub fn teardown_regardless_of_network(&self, uid: &str) -> Result<()> {
+        self.teardown_with(uid, false)
+    }
+
+    fn teardown_with(&self, uid: &str, network_must_detach: bool) -> Result<()> {
         self.stop_all(uid, Duration::ZERO);
         for id in self.attempts(uid).into_values().flatten().map(|(_, id)| id) {
             self.rt.remove_container(&id)?;
@@ -432,7 +442,12 @@ impl PodRuntime {
         let rec = self.record(uid);
         if let Some(rec) = &rec {
             if let Some(network) = &rec.network {
-                self.cni_del(rec, network)?;
+                match self.cni_del(rec, network) {
+                    Err(e) if !network_must_detach => {
+                        tracing::warn!(pod = %uid, error = %e, "CNI DEL failed; removing the namespace anyway")
+                    }
+                    r => r?,
+                }
             }
         }
         self.rt.remove_sandbox(uid)?;

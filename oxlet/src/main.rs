@@ -4,6 +4,7 @@ mod agent_cmd;
 mod image_cmd;
 mod proxy_cmd;
 mod run_cmd;
+mod uninstall_cmd;
 mod up_cmd;
 
 use anyhow::Result;
@@ -43,6 +44,10 @@ enum Command {
     /// Run the node's kube-proxy: Services and EndpointSlices into nftables (table ip oxlet-proxy)
     /// until SIGTERM or Ctrl-C; the rules stay in place after it stops.
     Proxy(proxy_cmd::ProxyArgs),
+    /// Remove what `oxlet up` and `oxlet agent` made on this machine: pods (containers, network
+    /// attachments, sandboxes, cgroups, logs), nftables tables, the bridge and default CNI
+    /// configuration, the data and state directories and the admin kubeconfig.
+    Uninstall(uninstall_cmd::UninstallArgs),
     /// Write a kubeconfig for the agent of another machine: a client certificate for node NAME
     /// (user system:node:NAME, group system:nodes) from this control plane's CA.
     NodeKubeconfig {
@@ -70,6 +75,7 @@ fn main() -> Result<()> {
         Command::Image(cmd) => image_cmd::run(&cli.data_dir, cmd),
         Command::Up(args) => up_cmd::run(&cli.data_dir, args),
         Command::Agent(args) => agent_cmd::run(&cli.data_dir, args),
+        Command::Uninstall(args) => uninstall_cmd::run(&cli.data_dir, args),
         Command::NodeKubeconfig {
             name,
             server,

@@ -32,6 +32,17 @@ impl Drop for Up {
     }
 }
 
+/// Whether any cgroup at or below `dir` holds a process.
+fn has_processes(dir: &Path) -> bool {
+    let here = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    !here.trim().is_empty()
+        || std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().is_dir() && has_processes(&e.path()))
+}
+
 fn kubectl(kc: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     use std::io::Write;
     let mut c = Command::new("/usr/lib/google-cloud-sdk/bin/kubectl.1.33")
@@ -85,7 +96,7 @@ fn up_runs_a_deployment_behind_a_service_until_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let kc = dir.path().join("admin.kubeconfig");
-    let d = dir.path();
+    let d = dir.path().to_path_buf();
     let child = Command::new(env!("CARGO_BIN_EXE_oxlet"))
         .arg("--data-dir")
         .arg(d.join("data"))
@@ -255,6 +266,40 @@ spec:
         out.status.success() && out.stdout.is_empty()
     });
 
+    // A pod that is still running when oxlet up stops.
+    ok(kubectl(
+        &kc,
+        &[
+            "create",
+            "deployment",
+            "keep",
+            "--image=127.0.0.1:5000/test/busybox:latest",
+            "--",
+            "sleep",
+            "3600",
+        ],
+        None,
+    ));
+    ok(kubectl(
+        &kc,
+        &["rollout", "status", "deploy/keep", "--timeout=120s"],
+        None,
+    ));
+    let uid = ok(kubectl(
+        &kc,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=keep",
+            "-o",
+            "jsonpath={.items[0].metadata.uid}",
+        ],
+        None,
+    ));
+    let pod_cgroup =
+        runtime::cgroup::controller_dir("memory", &format!("kubepods/besteffort/pod{uid}"));
+
     // SIGTERM: it stops, and the proxy's rules stay for traffic already flowing.
     let mut child = up.child.take().unwrap();
     nix::sys::signal::kill(
@@ -282,5 +327,63 @@ spec:
         listed.status.success(),
         "the rules stay after oxlet up stops"
     );
+    // Pods keep running, as when kubelet stops.
+    assert!(has_processes(&pod_cgroup), "the pod's container still runs");
+
+    // `oxlet uninstall` removes everything oxlet up made.
+    let out = Command::new(env!("CARGO_BIN_EXE_oxlet"))
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .args(["uninstall", "--kubeconfig"])
+        .arg(&kc)
+        .arg("--run-dir")
+        .arg(d.join("run"))
+        .arg("--log-dir")
+        .arg(d.join("logs"))
+        .arg("--cni-conf-dir")
+        .arg(d.join("net.d"))
+        .arg("--cni-bin-dir")
+        .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
+        .arg("--cni-cache-dir")
+        .arg(d.join("cni-cache"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("removed pod {uid}")), "{text}");
+    assert!(
+        !pod_cgroup.exists(),
+        "pod cgroup {} left",
+        pod_cgroup.display()
+    );
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    let tables = String::from_utf8_lossy(&tables.stdout).into_owned();
+    assert!(
+        !tables.contains("oxlet-proxy") && !tables.contains("oxlet-cni-oxlet"),
+        "{tables}"
+    );
+    let link = Command::new("ip")
+        .args(["link", "show", "oxlet0"])
+        .output()
+        .unwrap();
+    assert!(!link.status.success(), "bridge oxlet0 left");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(&d.display().to_string()), "{mounts}");
+    for gone in [
+        "data",
+        "run",
+        "admin.kubeconfig",
+        "net.d/10-oxlet.conflist",
+        "cni-bin/oxlet-bridge",
+    ] {
+        assert!(!d.join(gone).exists(), "{gone} left");
+    }
     let _ = &up.dir;
 }
