@@ -321,6 +321,18 @@ async fn config_map_as_directory_is_refreshed_and_as_sub_path_is_not() -> Result
     assert!(log.contains("400 /etc/tls/tls.crt"), "{log}");
     assert!(log.contains("644 /etc/nginx/conf.d/mime.types"), "{log}");
     assert!(log.contains("dir: worker_processes 1;"), "{log}");
+    // The secret is on a tmpfs; the config map on the node's disk, as kubelet keeps them.
+    let p = c.pods().get("nginx").await?;
+    let mounts = mounts_below(&c.pod_dir(&pod_uid(&p)));
+    assert!(
+        mounts
+            .iter()
+            .any(|(m, fs, _)| fs == "tmpfs" && m.ends_with("kubernetes.io~secret/tls")),
+        "{mounts:?}"
+    );
+    assert!(!mounts
+        .iter()
+        .any(|(m, _, _)| m.ends_with("kubernetes.io~configmap/conf")));
 
     c.kubectl(33, &["apply", "-f", "-"], Some(&cm("4")))?;
     let log = c
