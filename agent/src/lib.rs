@@ -2,13 +2,17 @@
 //! runs the pods bound to this node through `runtime::cri` and `cni::client`, and reports
 //! their status as kubelet does.
 
+pub mod env;
 pub mod events;
+pub mod fieldpath;
 pub mod network;
 pub mod node;
+pub mod objects;
 pub mod pod_runtime;
 pub mod pod_worker;
 pub mod pods;
 pub mod status;
+pub mod volumes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,6 +82,9 @@ pub struct Config {
     pub node_status_report_interval: Duration,
     /// How often a pod worker re-reads its containers' state from the runtime.
     pub pod_resync: Duration,
+    /// How often the contents of configMap, secret, downwardAPI and projected volumes are
+    /// brought up to date with their objects (kubelet's --sync-frequency: 1 min).
+    pub sync_frequency: Duration,
     /// How long to wait for the Node's spec.podCIDR when no CNI configuration exists and no
     /// pod range was given.
     pub pod_cidr_wait: Duration,
@@ -111,6 +118,7 @@ impl Config {
             node_status_interval: Duration::from_secs(10),
             node_status_report_interval: Duration::from_secs(300),
             pod_resync: Duration::from_secs(1),
+            sync_frequency: Duration::from_secs(60),
             pod_cidr_wait: Duration::from_secs(30),
             insecure_registries: Vec::new(),
             reserved: Default::default(),

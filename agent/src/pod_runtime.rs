@@ -50,6 +50,9 @@ pub struct PodRuntime {
     pub images: ImageStore,
     pub cni: CniClient,
     pub host_ip: IpAddr,
+    /// The node's allocatable resources: limits a container leaves unset, for the downward API
+    /// and memory-backed volumes.
+    pub allocatable: BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     pull_opts: PullOptions,
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -120,6 +123,7 @@ impl PodRuntime {
             images,
             cni: CniClient::new(cfg.cni_bin_dirs.clone(), cfg.cni_cache_dir.clone()),
             host_ip,
+            allocatable: crate::node::allocatable(&crate::node::capacity(cfg), &cfg.reserved),
             pull_opts: PullOptions {
                 insecure_registries: cfg.insecure_registries.clone(),
                 ..Default::default()
@@ -132,8 +136,13 @@ impl PodRuntime {
         self.cfg.data_dir.join("pods")
     }
 
+    /// The pod's own directory: its record, and its volumes below `volumes/`.
+    pub fn pod_dir(&self, uid: &str) -> PathBuf {
+        self.pods_dir().join(uid)
+    }
+
     fn record_path(&self, uid: &str) -> PathBuf {
-        self.pods_dir().join(uid).join("pod.json")
+        self.pod_dir(uid).join("pod.json")
     }
 
     pub fn record(&self, uid: &str) -> Option<PodRecord> {
@@ -323,14 +332,17 @@ impl PodRuntime {
         self.images.ensure(&reference, policy, &opts).await
     }
 
-    /// Creates and starts attempt `attempt` of container `c` (blocking). On failure nothing of
-    /// the attempt is left and the error carries kubelet's reason.
+    /// Creates and starts attempt `attempt` of container `c` (blocking) with its resolved
+    /// environment and volume mounts. On failure nothing of the attempt is left and the error
+    /// carries kubelet's reason.
     pub fn start_container(
         &self,
         pod: &Pod,
         c: &Container,
         attempt: u32,
         image: &Image,
+        env: Vec<(String, String)>,
+        mounts: Vec<runtime::spec::Mount>,
     ) -> std::result::Result<(), (String, String)> {
         let (ns, name, uid) = meta(pod);
         let id = container_id(&uid, &c.name, attempt);
@@ -364,8 +376,8 @@ impl PodRuntime {
                 container: c,
                 pod_security: spec.security_context.as_ref(),
                 image,
-                env: None,
-                mounts: Vec::new(),
+                env: Some(env),
+                mounts,
                 hostname: spec.hostname.clone().unwrap_or(name),
                 cgroup_parent: &rec.cgroup,
                 log_path,
@@ -411,6 +423,9 @@ impl PodRuntime {
     /// Failed), keeping its containers for status and logs until the pod is deleted (blocking).
     pub fn release_sandbox(&self, uid: &str) -> Result<()> {
         self.stop_all(uid, Duration::ZERO);
+        let dir = self.pod_dir(uid);
+        crate::volumes::tear_down(&dir)
+            .map_err(Error::io(format!("tear down volumes of {}", dir.display())))?;
         if let Some(mut rec) = self.record(uid) {
             if let Some(network) = rec.network.clone() {
                 self.cni_del(&rec, &network)?;
@@ -456,7 +471,10 @@ impl PodRuntime {
             let logs = self.log_dir(&rec.namespace, &rec.name, uid);
             let _ = std::fs::remove_dir_all(logs);
         }
-        let dir = self.pods_dir().join(uid);
+        let dir = self.pod_dir(uid);
+        // Volumes (tmpfs mounts among them) go first: nothing is deleted through a mount.
+        crate::volumes::tear_down(&dir)
+            .map_err(Error::io(format!("tear down volumes of {}", dir.display())))?;
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(Error::io(format!("remove {}", dir.display()))(e))

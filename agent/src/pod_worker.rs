@@ -3,9 +3,12 @@
 //! reads container state from the runtime, starts what should run, and reports status when it
 //! changed.
 
+use crate::env::{self as container_env, EnvContext};
 use crate::events::{self, Recorder};
+use crate::objects::Objects;
 use crate::pod_runtime::PodRuntime;
 use crate::status::{self, Backoff, PodSnapshot, Restart, RunState, Waiting};
+use crate::volumes::{self, PodVolumes};
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
@@ -82,7 +85,14 @@ pub struct Worker {
     sandbox_error: Option<String>,
     /// Network and sandbox of a terminal pod are given back.
     sandbox_released: bool,
+    objects: Objects,
+    volumes: PodVolumes,
+    /// The last FailedMount message of each volume and when it was recorded.
+    mount_events: HashMap<String, (String, Instant)>,
 }
+
+/// A FailedMount event about the same failure is recorded again after this long.
+const MOUNT_EVENT_REPEAT: Duration = Duration::from_secs(60);
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> crate::Result<T> {
     Ok(tokio::task::spawn_blocking(f).await?)
@@ -96,6 +106,14 @@ impl Worker {
         rx: watch::Receiver<Update>,
     ) -> Self {
         let events = Recorder::new(client.clone(), &ctx.cfg.node_name);
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let objects = Objects::new(client.clone());
+        let volumes = PodVolumes::new(
+            objects.clone(),
+            ctx.pod_dir(&uid),
+            ctx.cfg.sync_frequency,
+            ctx.allocatable.clone(),
+        );
         Self {
             ctx,
             client,
@@ -110,6 +128,9 @@ impl Worker {
             backed_off: HashMap::new(),
             sandbox_error: None,
             sandbox_released: false,
+            objects,
+            volumes,
+            mount_events: HashMap::new(),
         }
     }
 
@@ -174,6 +195,14 @@ impl Worker {
                 blocking(move || ctx.release_sandbox(&uid)).await??;
                 self.sandbox_released = true;
             }
+            return Ok(());
+        }
+        // As kubelet: no sandbox and no container before every volume is set up.
+        let failures = self.volumes.sync(&self.pod).await;
+        self.mount_failed(failures).await;
+        if !self.volumes.all_ready(&self.pod) {
+            let snap = self.snapshot().await?;
+            self.report(snap).await;
             return Ok(());
         }
         let mut snap = self.snapshot().await?;
@@ -242,6 +271,54 @@ impl Worker {
         Ok(())
     }
 
+    /// FailedMount events for volumes that could not be set up or refreshed.
+    async fn mount_failed(&mut self, failures: Vec<(String, volumes::VolumeError)>) {
+        for (volume, e) in failures {
+            let msg = format!("MountVolume.SetUp failed for volume {volume:?} : {e}");
+            tracing::warn!(pod = %self.uid, %volume, error = %e, "mount volume");
+            let repeat = self
+                .mount_events
+                .get(&volume)
+                .is_none_or(|(m, at)| *m != msg || at.elapsed() >= MOUNT_EVENT_REPEAT);
+            if repeat {
+                self.event(None, events::WARNING, "FailedMount", msg.clone())
+                    .await;
+                self.mount_events.insert(volume, (msg, Instant::now()));
+            }
+        }
+    }
+
+    /// The container's environment, `$(VAR)`-expanded command and args, and mounts; the error
+    /// is kubelet's CreateContainerConfigError message.
+    async fn container_config(
+        &self,
+        c: &Container,
+    ) -> Result<(Container, Vec<(String, String)>, Vec<runtime::spec::Mount>), String> {
+        let (ctx, uid) = (self.ctx.clone(), self.uid.clone());
+        let pod_ips = blocking(move || ctx.record(&uid))
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.pod_ips)
+            .unwrap_or_default();
+        let host_ip = self.ctx.host_ip.to_string();
+        let cx = EnvContext {
+            host_ip: &host_ip,
+            pod_ips: &pod_ips,
+            allocatable: &self.ctx.allocatable,
+        };
+        let env = container_env::container_env(&self.objects, &self.pod, c, &cx)
+            .await
+            .map_err(|e| e.to_string())?;
+        let expanded = container_env::expand_command(c, &env);
+        let (c2, ready, env2) = (c.clone(), self.volumes.ready().clone(), env.clone());
+        let mounts = blocking(move || volumes::container_mounts(&c2, &ready, &env2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok((expanded, env.into_vec(), mounts))
+    }
+
     async fn event(&self, init: Option<(bool, &str)>, type_: &str, reason: &str, msg: String) {
         let path = init.map(|(i, name)| events::field_path(i, name));
         self.events.pod(&self.pod, path, type_, reason, msg).await;
@@ -252,7 +329,12 @@ impl Worker {
         let new = self.waiting.get(&c.name).is_none_or(|w| w.reason != reason);
         if new {
             let at = Some((init, c.name.as_str()));
-            self.event(at, events::WARNING, "Failed", format!("Error: {reason}"))
+            // kubelet names image failures by reason and creation failures by message.
+            let shown = match reason.as_str() {
+                "CreateContainerConfigError" | "CreateContainerError" => &message,
+                _ => &reason,
+            };
+            self.event(at, events::WARNING, "Failed", format!("Error: {shown}"))
                 .await;
         }
         self.waiting
@@ -263,9 +345,19 @@ impl Worker {
         let Some(image) = self.image(c, init).await else {
             return Ok(());
         };
-        let (ctx, pod, c2) = (self.ctx.clone(), self.pod.clone(), c.clone());
+        let (c2, env, mounts) = match self.container_config(c).await {
+            Ok(cfg) => cfg,
+            Err(message) => {
+                tracing::warn!(pod = %self.uid, container = %c.name, %message, "container config");
+                self.wait_on(init, c, "CreateContainerConfigError".into(), message)
+                    .await;
+                return Ok(());
+            }
+        };
+        let (ctx, pod) = (self.ctx.clone(), self.pod.clone());
         let at = Some((init, c.name.as_str()));
-        match blocking(move || ctx.start_container(&pod, &c2, attempt, &image)).await? {
+        match blocking(move || ctx.start_container(&pod, &c2, attempt, &image, env, mounts)).await?
+        {
             Ok(()) => {
                 tracing::info!(pod = %self.uid, container = %c.name, attempt, "started container");
                 self.waiting.remove(&c.name);

@@ -24,6 +24,7 @@ pub fn apply(kind: &str, obj: &mut Value) {
         "Pod" => {
             if let Some(spec) = obj.get_mut("spec") {
                 pod_spec(spec);
+                requests_from_limits(spec);
             }
         }
         "Deployment" => deployment(obj),
@@ -102,6 +103,29 @@ pub fn pod_spec(spec: &mut Value) {
         for (src, mode) in [("configMap", 0o644), ("secret", 0o644)] {
             if let Some(s) = v.get_mut(src).filter(|s| s.is_object()) {
                 dflt(s, "defaultMode", json!(mode));
+            }
+        }
+    }
+}
+
+/// A pod's containers request what they limit unless they say otherwise (pods only, not
+/// templates, as the real defaulter).
+fn requests_from_limits(spec: &mut Value) {
+    for key in ["containers", "initContainers"] {
+        for c in each_mut(spec, key) {
+            let Some(limits) = c
+                .pointer("/resources/limits")
+                .and_then(Value::as_object)
+                .cloned()
+            else {
+                continue;
+            };
+            let res = &mut c["resources"];
+            if !res.get("requests").is_some_and(Value::is_object) {
+                res["requests"] = json!({});
+            }
+            for (k, v) in limits {
+                dflt(&mut res["requests"], &k, v);
             }
         }
     }

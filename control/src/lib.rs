@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+pub mod admission;
 pub mod apply;
 pub mod auth;
 pub mod authz;

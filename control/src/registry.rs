@@ -42,12 +42,16 @@ pub struct Write {
     pub dry_run: bool,
     /// `fieldValidation=Strict`: unknown fields are an error rather than dropped.
     pub strict: bool,
+    /// A client's request, which passes admission (`crate::admission`); the server's own
+    /// writes do not.
+    pub admit: bool,
 }
 
 impl Write {
     pub const NONE: Write = Write {
         dry_run: false,
         strict: false,
+        admit: false,
     };
 }
 
@@ -118,7 +122,7 @@ pub fn parse_rv(s: &str) -> ApiResult<Option<i64>> {
         .map_err(|_| ApiError::bad_request(format!("invalid resource version: {s:?}")))
 }
 
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     // The same alphabet as the real server: no vowels, no look-alike characters.
     const ALPHA: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::thread_rng();
@@ -299,6 +303,11 @@ impl Registry {
         defaults::apply(rt.kind, &mut obj);
         if rt.kind == "Pod" {
             defaults::default_toleration_seconds(&mut obj);
+            if opts.admit {
+                // NamespaceLifecycle comes before the ServiceAccount plugin.
+                self.check_namespace(rt, ns)?;
+                crate::admission::pod(self, ns.unwrap_or("default"), &mut obj).await?;
+            }
         }
         let mut obj = validate::typed(rt, obj, opts.strict)?;
         let name = meta_str(&obj, "name").to_string();

@@ -40,6 +40,7 @@ impl Call {
                 .query
                 .get("fieldValidation")
                 .is_some_and(|v| v == "Strict"),
+            admit: true,
         }
     }
 

@@ -150,6 +150,15 @@ pub fn request(
 /// Who a bearer token stands for, if it is valid and its service account (and pod) still exist.
 pub fn authenticate(reg: &Registry, signer: &Signer, token: &str) -> Option<Identity> {
     let claims = signer.verify(token)?;
+    // Only tokens meant for this server: a token for another audience is that audience's.
+    let for_api = match &claims["aud"] {
+        Value::String(a) => a == ISSUER,
+        Value::Array(a) => a.iter().any(|x| x == ISSUER),
+        _ => false,
+    };
+    if !for_api {
+        return None;
+    }
     let k = &claims["kubernetes.io"];
     let ns = k["namespace"].as_str()?;
     let sa = &k["serviceaccount"];

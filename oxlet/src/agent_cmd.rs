@@ -44,6 +44,10 @@ pub struct AgentArgs {
     /// First CrashLoopBackOff / image pull back-off delay in seconds, doubling to 300.
     #[arg(long, default_value_t = 10)]
     backoff_seconds: u64,
+    /// How often configMap, secret, downwardAPI and projected volume contents are brought up
+    /// to date, in seconds (kubelet's --sync-frequency).
+    #[arg(long, default_value_t = 60)]
+    sync_frequency_seconds: u64,
     /// Resources kept from pods, as kubelet's --system-reserved: cpu=500m,memory=1Gi,...
     #[arg(long, value_delimiter = ',', value_parser = parse_reserved)]
     reserved: Vec<(String, String)>,
@@ -108,6 +112,7 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
         })
         .collect();
     cfg.backoff_base = Duration::from_secs(args.backoff_seconds.max(1));
+    cfg.sync_frequency = Duration::from_secs(args.sync_frequency_seconds.max(1));
     cfg.shim = args
         .shim
         .or_else(|| sibling("oxlet-shim"))

@@ -42,6 +42,8 @@ async fn agent_registers_the_node_and_writes_a_default_network() {
             "10.245.7.0/24",
             "--reserved",
             "cpu=100m",
+            "--sync-frequency-seconds",
+            "5",
         ])
         .arg("--run-dir")
         .arg(p("run"))

@@ -380,3 +380,125 @@ impl Drop for Cluster {
         let _ = fs::remove_file(Path::new(CLAIMS).join(self.x.to_string()));
     }
 }
+
+/// The real kubectl of minor version `minor` (27..=33).
+pub fn kubectl_bin(minor: u32) -> PathBuf {
+    PathBuf::from(format!("/usr/lib/google-cloud-sdk/bin/kubectl.1.{minor}"))
+}
+
+impl Cluster {
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("admin.kubeconfig")
+    }
+
+    /// Runs kubectl 1.`minor` as the admin with `stdin`; its stdout, or an error with stderr.
+    pub fn kubectl(&self, minor: u32, args: &[&str], stdin: Option<&str>) -> Result<String> {
+        let o = self.kubectl_output(minor, args, stdin)?;
+        if !o.status.success() {
+            bail!(
+                "kubectl {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    pub fn kubectl_output(
+        &self,
+        minor: u32,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<std::process::Output> {
+        let mut cmd = Command::new(kubectl_bin(minor));
+        cmd.arg("--kubeconfig")
+            .arg(self.admin_kubeconfig())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().context("kubectl runs")?;
+        {
+            let mut input = child.stdin.take().context("stdin")?;
+            if let Some(s) = stdin {
+                input.write_all(s.as_bytes())?;
+            }
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// The messages of the CRI log of `container` of pod `name` (newest attempt), one per line.
+    pub async fn log(&self, name: &str, container: &str) -> Result<String> {
+        let pod = self.pods().get(name).await?;
+        let uid = pod.metadata.uid.unwrap_or_default();
+        let dir = self
+            .cfg
+            .log_dir
+            .join(format!("default_{name}_{uid}"))
+            .join(container);
+        let newest = fs::read_dir(&dir)
+            .with_context(|| format!("read {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .max_by_key(|p| {
+                p.file_stem()
+                    .and_then(|s| s.to_str())
+                    .and_then(|s| s.parse::<u32>().ok())
+                    .unwrap_or(0)
+            })
+            .context("no log file")?;
+        let text = fs::read_to_string(&newest)?;
+        // `<time> <stream> <P|F> <message>`
+        Ok(text
+            .lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3))
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    /// Waits until the container's log satisfies `done`; returns the log.
+    pub async fn wait_log(
+        &self,
+        name: &str,
+        container: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log(name, container).await.unwrap_or_default();
+            if done(&log) {
+                return Ok(log);
+            }
+            if Instant::now() > deadline {
+                bail!("pod {name}: log of {container} never matched; it is:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// The pod's directory below the agent's data dir.
+    pub fn pod_dir(&self, uid: &str) -> PathBuf {
+        self.cfg.data_dir.join("pods").join(uid)
+    }
+}
+
+/// `(mount point, fs type, super options)` of the node's mounts at or below `dir`.
+pub fn mounts_below(dir: &Path) -> Vec<(PathBuf, String, String)> {
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let point = PathBuf::from(f.get(4)?.replace("\\040", " "));
+            Some((
+                point,
+                f.get(sep + 1)?.to_string(),
+                f.get(sep + 3)?.to_string(),
+            ))
+        })
+        .filter(|(p, _, _)| p.starts_with(&dir))
+        .collect()
+}
