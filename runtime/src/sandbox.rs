@@ -35,6 +35,8 @@ pub struct SandboxConfig {
     pub hostname: String,
     pub host_network: bool,
     pub host_ipc: bool,
+    /// Containers see the host's processes (hostPID).
+    pub host_pid: bool,
     /// Content of the pod's /etc/resolv.conf; `None` copies the host's (dnsPolicy Default).
     pub resolv_conf: Option<String>,
     /// Extra /etc/hosts lines (hostAliases), `IP name...`.
@@ -48,6 +50,7 @@ pub struct Sandbox {
     pub dir: PathBuf,
     pub host_network: bool,
     pub host_ipc: bool,
+    pub host_pid: bool,
 }
 
 impl Sandbox {
@@ -57,11 +60,13 @@ impl Sandbox {
         let dir = root.join(id);
         let host_network = !dir.join("ns/net").exists();
         let host_ipc = !dir.join("ns/ipc").exists();
+        let host_pid = dir.join("host-pid").exists();
         Ok(Self {
             id: id.to_string(),
             dir,
             host_network,
             host_ipc,
+            host_pid,
         })
     }
 
@@ -86,6 +91,7 @@ impl Sandbox {
             } else {
                 Ns::Path(self.dir.join("ns/uts"))
             },
+            pid: if self.host_pid { Ns::Host } else { Ns::New },
         }
     }
 
@@ -159,6 +165,7 @@ pub fn create(root: &Path, cfg: &SandboxConfig) -> Result<Sandbox> {
         dir: dir.clone(),
         host_network: cfg.host_network,
         host_ipc: cfg.host_ipc,
+        host_pid: cfg.host_pid,
     };
     match build(&sb, cfg) {
         Ok(()) => Ok(sb),
@@ -254,6 +261,9 @@ fn build(sb: &Sandbox, cfg: &SandboxConfig) -> Result<()> {
         None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
     };
     sb.write("resolv.conf", resolv.as_bytes())?;
+    if cfg.host_pid {
+        sb.write("host-pid", b"")?;
+    }
     sb.write("ready", b"")
 }
 
