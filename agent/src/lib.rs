@@ -3,11 +3,14 @@
 //! their status as kubelet does.
 
 pub mod events;
+pub mod lifecycle;
 pub mod network;
 pub mod node;
 pub mod pod_runtime;
 pub mod pod_worker;
 pub mod pods;
+pub mod probe;
+pub mod security;
 pub mod status;
 
 use std::path::PathBuf;
