@@ -255,6 +255,7 @@ impl PodRuntime {
             host_network,
             host_ipc: spec.host_ipc == Some(true),
             host_pid: spec.host_pid == Some(true),
+            pid_holder: (spec.share_process_namespace == Some(true)).then(|| self.cfg.shim.clone()),
             resolv_conf: None,
             host_aliases: Vec::new(),
         })?;

@@ -647,3 +647,58 @@ async fn grpc_readiness_probe_of_a_host_network_pod() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_go_on_after_an_agent_restart() -> Result<()> {
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    c.create_pod(json!({
+        "metadata": {"name": "adopted"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "app",
+                "image": BUSYBOX,
+                "command": ["sh", "-c", "touch /tmp/ok; sleep 600"],
+                "startupProbe": {"exec": {"command": ["cat", "/tmp/ok"]}, "periodSeconds": 1},
+                "readinessProbe": {"exec": {"command": ["cat", "/tmp/ok"]}, "periodSeconds": 1, "failureThreshold": 1},
+                "livenessProbe": {"exec": {"command": ["cat", "/tmp/ok"]}, "periodSeconds": 1, "failureThreshold": 2},
+            }]
+        }
+    }))
+    .await?;
+    let before = c
+        .wait_pod("adopted", T, "Ready", |p| {
+            condition(p, "Ready").as_deref() == Some("True")
+        })
+        .await?;
+    c.kill_agent().await;
+    c.start_agent().await?;
+    // The adopted container keeps what was reported: never unready or unstarted.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let p = c.pods().get("adopted").await?;
+        let cs = container(&p);
+        assert!(cs.ready && cs.started == Some(true), "{cs:?}");
+        assert_eq!(cs.container_id, container(&before).container_id);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...and its probes run again: readiness, then liveness, act on the removed file.
+    exec(&c, &before, "app", &["rm", "/tmp/ok"])?;
+    c.wait_pod("adopted", T, "not Ready", |p| {
+        condition(p, "Ready").as_deref() == Some("False")
+    })
+    .await?;
+    c.wait_pod("adopted", T, "restarted by liveness", |p| {
+        container(p).restart_count >= 1
+    })
+    .await?;
+    wait_event(
+        &c,
+        "adopted",
+        "Killing",
+        "Container app failed liveness probe, will be restarted",
+    )
+    .await?;
+    Ok(())
+}

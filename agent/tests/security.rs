@@ -309,6 +309,55 @@ async fn sysctls_host_pid_and_cgroup_limits() -> Result<()> {
     )
     .await?;
     assert_eq!(log(&c, &p, "own")?, "sh\n");
+
+    // shareProcessNamespace: one PID namespace for the pod, its PID 1 a holder process.
+    c.create_pod(json!({
+        "metadata": {"name": "shared-pids"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "shareProcessNamespace": true,
+            "containers": [
+                ct("a", "exec sleep 600", json!({})),
+                ct("b", "sleep 1; ps -o pid,args; echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline); sleep 600", json!({})),
+            ]
+        }
+    }))
+    .await?;
+    let p = c
+        .wait_pod("shared-pids", T, "Running", |p| {
+            phase(p) == "Running" && condition(p, "Ready").as_deref() == Some("True")
+        })
+        .await?;
+    let uid = p.metadata.uid.clone().unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let out = loop {
+        let out = log(&c, &p, "b").unwrap_or_default();
+        if out.contains("pid1=") || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(out.contains("sleep 600"), "{out}");
+    let pid1 = out
+        .lines()
+        .find(|l| l.starts_with("pid1="))
+        .unwrap_or_default();
+    assert!(pid1.trim_end().ends_with("oxlet-shim pause"), "{out}");
+    let holder: i32 =
+        std::fs::read_to_string(c.cfg.run_dir.join(format!("sandboxes/{uid}/pid-holder")))?
+            .trim()
+            .parse()?;
+    c.pods()
+        .delete("shared-pids", &kube::api::DeleteParams::default())
+        .await?;
+    c.wait_gone("shared-pids", T).await?;
+    c.wait_no_leftovers(&uid).await?;
+    // Gone, or a zombie waiting for its reaper.
+    let stat = std::fs::read_to_string(format!("/proc/{holder}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')),
+        "{stat}"
+    );
     Ok(())
 }
 
