@@ -5,12 +5,15 @@
 pub mod env;
 pub mod events;
 pub mod fieldpath;
+pub mod lifecycle;
 pub mod network;
 pub mod node;
 pub mod objects;
 pub mod pod_runtime;
 pub mod pod_worker;
 pub mod pods;
+pub mod probe;
+pub mod security;
 pub mod status;
 pub mod volumes;
 

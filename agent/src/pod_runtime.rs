@@ -14,6 +14,7 @@ use runtime::container::State;
 use runtime::cri::{ContainerRequest, Runtime};
 use runtime::image::{DockerConfig, Image, ImageStore, PullOptions, PullPolicy};
 use runtime::sandbox::SandboxConfig;
+use runtime::spec::Mount;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -37,11 +38,59 @@ pub struct PodRecord {
     pub pod_ips: Vec<String>,
 }
 
-/// The image a container attempt was made from, kept next to the pod record.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The image a container attempt was made from, kept next to the pod record, with where its
+/// termination message comes from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct ImageRecord {
     image: String,
     image_id: String,
+    /// terminationMessagePolicy FallbackToLogsOnError: this log's end when the file is empty.
+    #[serde(default)]
+    fallback_log: Option<PathBuf>,
+}
+
+/// Most of a termination message file kubelet reads (its end).
+const MAX_TERMINATION_MESSAGE: u64 = 4096;
+/// The log tail kubelet reports for FallbackToLogsOnError: lines, then bytes.
+const FALLBACK_LOG_LINES: usize = 80;
+const FALLBACK_LOG_BYTES: usize = 2048;
+
+/// The last `max` bytes of a file.
+fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// The end of a CRI log as `kubectl logs --tail` shows it: the last 80 lines, at most 2048
+/// bytes.
+fn log_tail(path: &Path) -> Option<String> {
+    // Generous for 80 lines of records; the limits below cut it to size.
+    let raw = read_tail(path, 256 * 1024).ok()?;
+    let mut text = Vec::new();
+    for line in raw.split(|&b| b == b'\n') {
+        if let Some(r) = runtime::log::parse_record(line) {
+            text.extend_from_slice(&r.message);
+            if !r.partial {
+                text.push(b'\n');
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut tail = lines[lines.len().saturating_sub(FALLBACK_LOG_LINES)..].concat();
+    if tail.len() > FALLBACK_LOG_BYTES {
+        let mut cut = tail.len() - FALLBACK_LOG_BYTES;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        tail = tail[cut..].to_string();
+    }
+    Some(tail)
 }
 
 pub struct PodRuntime {
@@ -159,6 +208,34 @@ impl PodRuntime {
             .map_err(Error::io(format!("write {}", path.display())))
     }
 
+    /// The file mounted at a container attempt's terminationMessagePath.
+    fn termination_log(&self, uid: &str, id: &str) -> PathBuf {
+        self.pods_dir()
+            .join(uid)
+            .join(format!("{id}.termination-log"))
+    }
+
+    /// Creates the termination message file of an attempt, writable by any container user.
+    fn termination_mount(&self, uid: &str, id: &str, c: &Container) -> Result<Option<Mount>> {
+        use std::os::unix::fs::PermissionsExt;
+        let dest = c
+            .termination_message_path
+            .clone()
+            .unwrap_or_else(|| "/dev/termination-log".into());
+        if dest.is_empty() {
+            return Ok(None);
+        }
+        let file = self.termination_log(uid, id);
+        std::fs::write(&file, b"")
+            .and_then(|_| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)))
+            .map_err(Error::io(format!("create {}", file.display())))?;
+        Ok(Some(Mount {
+            source: file,
+            destination: dest.into(),
+            read_only: false,
+        }))
+    }
+
     fn log_dir(&self, ns: &str, name: &str, uid: &str) -> PathBuf {
         self.cfg.log_dir.join(format!("{ns}_{name}_{uid}"))
     }
@@ -186,6 +263,8 @@ impl PodRuntime {
             hostname: hostname.clone(),
             host_network,
             host_ipc: spec.host_ipc == Some(true),
+            host_pid: spec.host_pid == Some(true),
+            pid_holder: (spec.share_process_namespace == Some(true)).then(|| self.cfg.shim.clone()),
             resolv_conf: None,
             host_aliases: Vec::new(),
         })?;
@@ -258,16 +337,28 @@ impl PodRuntime {
                     .as_deref()
                     .and_then(ts),
                 finished_at: ts(&e.finished_at).unwrap_or_else(Timestamp::now),
+                message: None,
             },
         };
         let img: Option<ImageRecord> =
             std::fs::read(self.pods_dir().join(uid).join(format!("{id}.image")))
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok());
-        let img = img.unwrap_or(ImageRecord {
-            image: String::new(),
-            image_id: String::new(),
-        });
+        let img = img.unwrap_or_default();
+        let mut state = state;
+        if let RunState::Exited {
+            message, exit_code, ..
+        } = &mut state
+        {
+            let file = self.termination_log(uid, id);
+            let written = read_tail(&file, MAX_TERMINATION_MESSAGE)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            *message = match &img.fallback_log {
+                Some(log) if written.is_empty() && *exit_code != 0 => log_tail(log),
+                _ => Some(written),
+            };
+        }
         Some(Attempt {
             id: id.to_string(),
             attempt,
@@ -298,6 +389,7 @@ impl PodRuntime {
             pod_ips: rec.map(|r| r.pod_ips).unwrap_or_default(),
             containers,
             waiting: BTreeMap::new(),
+            health: BTreeMap::new(),
         }
     }
 
@@ -357,18 +449,33 @@ impl PodRuntime {
             .sandbox(&uid)
             .map_err(|e| (e.reason().to_string(), e.to_string()))?;
         let spec = pod.spec.clone().unwrap_or_default();
+        let image_user = image
+            .config
+            .config()
+            .as_ref()
+            .and_then(|cfg| cfg.user().clone())
+            .unwrap_or_default();
+        crate::security::verify_run_as_non_root(pod, c, &image_user)
+            .map_err(|m| ("CreateContainerConfigError".to_string(), m))?;
+        let log_path = self
+            .log_dir(&ns, &name, &uid)
+            .join(&c.name)
+            .join(format!("{attempt}.log"));
+        let fallback = c.termination_message_policy.as_deref() == Some("FallbackToLogsOnError");
         let img = ImageRecord {
             image: image.reference.clone(),
             image_id: image_id(image),
+            fallback_log: fallback.then(|| log_path.clone()),
         };
         let img_path = self.pods_dir().join(&uid).join(format!("{id}.image"));
         let _ = std::fs::write(&img_path, serde_json::to_vec(&img).expect("serializes"));
         // A leftover of an attempt that failed half-way (agent killed) is replaced.
         let _ = self.rt.remove_container(&id);
-        let log_path = self
-            .log_dir(&ns, &name, &uid)
-            .join(&c.name)
-            .join(format!("{attempt}.log"));
+        let mut mounts = mounts;
+        mounts.extend(
+            self.termination_mount(&uid, &id, c)
+                .map_err(|e| ("CreateContainerError".to_string(), e.to_string()))?,
+        );
         self.rt
             .create_container(&ContainerRequest {
                 id: &id,
@@ -394,6 +501,7 @@ impl PodRuntime {
                 let _ = self.rt.remove_container(&old);
                 let _ =
                     std::fs::remove_file(self.pods_dir().join(&uid).join(format!("{old}.image")));
+                let _ = std::fs::remove_file(self.termination_log(&uid, &old));
             }
         }
         Ok(())

@@ -6,7 +6,8 @@
 use crate::env::{self as container_env, EnvContext};
 use crate::events::{self, Recorder};
 use crate::objects::Objects;
-use crate::pod_runtime::PodRuntime;
+use crate::pod_runtime::{container_id, PodRuntime};
+use crate::probe::{self, Notice, Target};
 use crate::status::{self, Backoff, PodSnapshot, Restart, RunState, Waiting};
 use crate::volumes::{self, PodVolumes};
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Secret};
@@ -14,9 +15,10 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use runtime::image::{DockerConfig, Image};
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// Why a pull secret gave no credentials (reported as an event, never fatal).
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,8 @@ pub struct Worker {
     volumes: PodVolumes,
     /// The last FailedMount message of each volume and when it was recorded.
     mount_events: HashMap<String, (String, Instant)>,
+    probes: probe::Manager,
+    notices: mpsc::UnboundedReceiver<Notice>,
 }
 
 /// A FailedMount event about the same failure is recorded again after this long.
@@ -114,6 +118,7 @@ impl Worker {
             ctx.cfg.sync_frequency,
             ctx.allocatable.clone(),
         );
+        let (probes, notices) = probe::Manager::new(ctx.rt.clone(), events.clone());
         Self {
             ctx,
             client,
@@ -131,6 +136,8 @@ impl Worker {
             objects,
             volumes,
             mount_events: HashMap::new(),
+            probes,
+            notices,
         }
     }
 
@@ -166,6 +173,7 @@ impl Worker {
                     let resync = self.ctx.cfg.pod_resync;
                     tokio::select! {
                         changed = self.rx.changed() => if changed.is_err() { return self.uid },
+                        Some(n) = self.notices.recv() => self.on_notice(n).await,
                         _ = tokio::time::sleep(resync) => {}
                     }
                 }
@@ -183,7 +191,151 @@ impl Worker {
         let uid = self.uid.clone();
         let mut snap = blocking(move || ctx.snapshot(&uid)).await?;
         snap.waiting = self.waiting.clone();
+        snap.health = self.probes.health();
         Ok(snap)
+    }
+
+    /// Where the pod's network probes and hooks connect: its IP, the node's for hostNetwork.
+    fn pod_host(&self, snap: &PodSnapshot) -> Option<IpAddr> {
+        let host_network = self.pod.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+        if host_network {
+            return Some(self.ctx.host_ip);
+        }
+        snap.pod_ips.first().and_then(|ip| ip.parse().ok())
+    }
+
+    fn target(&self, c: &Container, id: &str, snap: &PodSnapshot) -> Target {
+        Target {
+            rt: self.ctx.rt.clone(),
+            container_id: id.to_string(),
+            container: Arc::new(c.clone()),
+            host: self.pod_host(snap),
+        }
+    }
+
+    /// The grace period of a kill outside pod deletion: the probe's own, else the pod's.
+    fn grace(&self, probe_grace: Option<i64>) -> Duration {
+        let spec = self.pod.spec.as_ref();
+        let secs = probe_grace
+            .or(spec.and_then(|s| s.termination_grace_period_seconds))
+            .unwrap_or(30)
+            .max(0);
+        Duration::from_secs(secs as u64)
+    }
+
+    /// Stops one container attempt as kubelet kills it: the preStop hook within the grace
+    /// period, then SIGTERM, the rest of the grace period (at least 2 s after a hook), SIGKILL.
+    /// The returned future owns what it needs, so several run at once.
+    fn stopper(
+        &self,
+        c: Option<Container>,
+        target: Target,
+        grace: Duration,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (pod, events) = (self.pod.clone(), self.events.clone());
+        async move {
+            let began = Instant::now();
+            let mut remaining = grace;
+            let hook = c
+                .as_ref()
+                .and_then(|c| c.lifecycle.as_ref())
+                .and_then(|l| l.pre_stop.clone());
+            if let (Some(hook), Some(c)) = (hook, &c) {
+                if let Err(msg) = crate::lifecycle::run(&hook, &target, &pod, Some(grace)).await {
+                    let path = Some(events::field_path(false, &c.name));
+                    events
+                        .pod(&pod, path, events::WARNING, "FailedPreStopHook", msg)
+                        .await;
+                }
+                remaining = grace
+                    .saturating_sub(began.elapsed())
+                    .max(Duration::from_secs(2));
+            }
+            let (rt, id) = (target.rt.clone(), target.container_id.clone());
+            match blocking(move || rt.stop_container(&id, remaining)).await {
+                Ok(Err(e)) => {
+                    tracing::warn!(container = %target.container_id, error = %e, "stop container")
+                }
+                Err(e) => {
+                    tracing::warn!(container = %target.container_id, error = %e, "stop container")
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Kills a running attempt of app container `c` with a Killing event saying why.
+    async fn kill(&mut self, c: &Container, id: &str, message: String, grace: Duration) {
+        self.probes.forget(&c.name);
+        self.event(Some((false, &c.name)), events::NORMAL, "Killing", message)
+            .await;
+        let snap = match self.snapshot().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pod = %self.uid, error = %e, "snapshot before kill");
+                PodSnapshot::default()
+            }
+        };
+        let target = self.target(c, id, &snap);
+        self.stopper(Some(c.clone()), target, grace).await;
+    }
+
+    async fn on_notice(&mut self, n: Notice) {
+        let Notice::Kill {
+            container,
+            id,
+            kind,
+        } = n
+        else {
+            return;
+        };
+        let spec = self.pod.spec.clone().unwrap_or_default();
+        let Some(c) = spec.containers.iter().find(|c| c.name == container) else {
+            return;
+        };
+        let running = self.snapshot().await.ok().and_then(|s| {
+            let cur = &s.containers.get(&container)?.current;
+            (cur.id == id && matches!(cur.state, RunState::Running { .. })).then_some(())
+        });
+        if running.is_none() {
+            return;
+        }
+        let mut message = format!("Container {container} failed {} probe", kind.lower());
+        if spec.restart_policy.as_deref() != Some("Never") {
+            message.push_str(", will be restarted");
+        }
+        let probe_grace = match kind {
+            probe::Kind::Liveness => c.liveness_probe.as_ref(),
+            probe::Kind::Startup => c.startup_probe.as_ref(),
+            probe::Kind::Readiness => None,
+        }
+        .and_then(|p| p.termination_grace_period_seconds);
+        let grace = self.grace(probe_grace);
+        tracing::info!(pod = %self.uid, %container, ?kind, "probe failed; killing container");
+        let c = c.clone();
+        self.kill(&c, &id, message, grace).await;
+    }
+
+    /// kubelet's admission rejection: the pod fails without running (Failed, `reason`).
+    async fn reject(&mut self, reason: &str, message: String) {
+        self.event(None, events::WARNING, reason, message.clone())
+            .await;
+        let status = PodStatus {
+            phase: Some("Failed".into()),
+            reason: Some(reason.into()),
+            message: Some(format!("Pod was rejected: {message}")),
+            ..Default::default()
+        };
+        let name = self.pod.metadata.name.clone().unwrap_or_default();
+        let patch = serde_json::json!({ "status": status });
+        match self
+            .api()
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => self.reported = Some(status),
+            Err(e) => tracing::warn!(pod = %self.uid, error = %e, "patch pod status"),
+        }
     }
 
     async fn sync(&mut self) -> crate::Result<()> {
@@ -195,6 +347,10 @@ impl Worker {
                 blocking(move || ctx.release_sandbox(&uid)).await??;
                 self.sandbox_released = true;
             }
+            return Ok(());
+        }
+        if let Some(msg) = crate::security::forbidden_sysctl(&self.pod) {
+            self.reject("SysctlForbidden", msg).await;
             return Ok(());
         }
         // As kubelet: no sandbox and no container before every volume is set up.
@@ -227,7 +383,10 @@ impl Worker {
             return Ok(());
         }
         self.start_containers(&snap).await?;
-        let snap = self.snapshot().await?;
+        let mut snap = self.snapshot().await?;
+        let host = self.pod_host(&snap);
+        self.probes.sync(&self.pod, &snap, host);
+        snap.health = self.probes.health();
         self.report(snap).await;
         Ok(())
     }
@@ -365,11 +524,45 @@ impl Worker {
                 self.event(at, events::NORMAL, "Created", created).await;
                 let started = format!("Started container {}", c.name);
                 self.event(at, events::NORMAL, "Started", started).await;
+                self.post_start(c, init, attempt).await?;
             }
             Err((reason, message)) => {
                 tracing::warn!(pod = %self.uid, container = %c.name, %reason, %message, "start container");
                 self.wait_on(init, c, reason, message).await;
             }
+        }
+        Ok(())
+    }
+
+    /// Runs the postStart hook of a started container; a failure kills it (the restart policy
+    /// decides what follows). Deletion of the pod ends the wait.
+    async fn post_start(&mut self, c: &Container, init: bool, attempt: u32) -> crate::Result<()> {
+        let Some(hook) = c.lifecycle.as_ref().and_then(|l| l.post_start.clone()) else {
+            return Ok(());
+        };
+        let id = container_id(&self.uid, &c.name, attempt);
+        let snap = self.snapshot().await?;
+        let target = self.target(c, &id, &snap);
+        let mut rx = self.rx.clone();
+        let deleted = async move {
+            let _ = rx
+                .wait_for(|u| match u {
+                    Update::Gone => true,
+                    Update::Pod(p) => p.metadata.deletion_timestamp.is_some(),
+                })
+                .await;
+        };
+        let pod = self.pod.clone();
+        let result = tokio::select! {
+            r = crate::lifecycle::run(&hook, &target, &pod, None) => r,
+            _ = deleted => Ok(()),
+        };
+        if let Err(msg) = result {
+            let at = Some((init, c.name.as_str()));
+            self.event(at, events::WARNING, "FailedPostStartHook", msg)
+                .await;
+            let grace = self.grace(None);
+            self.kill(c, &id, "FailedPostStartHook".into(), grace).await;
         }
         Ok(())
     }
@@ -547,6 +740,8 @@ impl Worker {
             .unwrap_or(30)
             .max(0) as u64;
         tracing::info!(pod = %self.uid, grace, "killing pod");
+        self.probes.clear();
+        let mut stoppers = Vec::new();
         if let Ok(snap) = self.snapshot().await {
             for (name, rec) in &snap.containers {
                 if matches!(rec.current.state, RunState::Running { .. }) {
@@ -558,9 +753,22 @@ impl Worker {
                     let msg = format!("Stopping container {name}");
                     self.event(Some((init, name)), events::NORMAL, "Killing", msg)
                         .await;
+                    let app = spec.containers.iter().find(|c| &c.name == name);
+                    let fallback = Container {
+                        name: name.clone(),
+                        ..Default::default()
+                    };
+                    let target = self.target(app.unwrap_or(&fallback), &rec.current.id, &snap);
+                    stoppers.push(self.stopper(
+                        app.cloned().filter(|_| !init),
+                        target,
+                        Duration::from_secs(grace),
+                    ));
                 }
             }
         }
+        // preStop hooks and graceful stops of all containers at once.
+        futures_util::future::join_all(stoppers).await;
         let mut delay = Duration::from_millis(200);
         loop {
             let ctx = self.ctx.clone();

@@ -34,6 +34,8 @@ pub enum RunState {
         reason: String,
         started_at: Option<Timestamp>,
         finished_at: Timestamp,
+        /// The termination message (terminationMessagePath, or the log's end).
+        message: Option<String>,
     },
 }
 
@@ -72,6 +74,8 @@ pub struct PodSnapshot {
     pub containers: BTreeMap<String, ContainerRecord>,
     /// Failures of the last attempt to start a container, by container name.
     pub waiting: BTreeMap<String, Waiting>,
+    /// What the probes found, by container name.
+    pub health: BTreeMap<String, crate::probe::Health>,
 }
 
 /// Restart back-off: none before the first restart, then `base` doubling up to `max`; a run of
@@ -169,6 +173,7 @@ fn terminated(a: &Attempt) -> Option<ContainerStateTerminated> {
             reason,
             started_at,
             finished_at,
+            message,
         } => Some(ContainerStateTerminated {
             container_id: Some(format!("oxlet://{}", a.id)),
             exit_code: *exit_code,
@@ -176,7 +181,7 @@ fn terminated(a: &Attempt) -> Option<ContainerStateTerminated> {
             reason: Some(reason.clone()),
             started_at: started_at.map(time),
             finished_at: Some(time(*finished_at)),
-            message: None,
+            message: message.clone().filter(|m| !m.is_empty()),
         }),
         _ => None,
     }
@@ -252,8 +257,13 @@ fn container_status(
                 }),
                 ..Default::default()
             });
-            s.ready = !init && c.readiness_probe.is_none();
-            s.started = Some(true);
+            // Probes hold `started` until the startup probe succeeds and `ready` until the
+            // readiness probe does; without them both follow running.
+            let health = snap.health.get(&c.name).filter(|h| h.id == cur.id);
+            let started = c.startup_probe.is_none() || health.is_some_and(|h| h.started);
+            let ready = c.readiness_probe.is_none() || health.is_some_and(|h| h.ready);
+            s.ready = !init && started && ready;
+            s.started = Some(started);
         }
         RunState::Exited { .. } => {
             let done = ContainerState {

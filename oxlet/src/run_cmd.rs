@@ -98,6 +98,7 @@ pub fn run(data_dir: &Path, args: RunArgs) -> Result<i32> {
                 network: net,
                 ipc: Ns::New,
                 uts,
+                pid: Ns::New,
             },
             hostname: Some(id.clone()),
             cgroups_path: id.clone(),

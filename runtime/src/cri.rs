@@ -141,6 +141,15 @@ impl Runtime {
             oom_score_adj: req.oom_score_adj,
             default_seccomp: false,
         })?;
+        let localhost = spec::localhost_seccomp(
+            req.container,
+            req.pod_security,
+            &self.cfg.data_dir.join("seccomp"),
+        )?;
+        let mut spec = spec;
+        if let (Some(profile), Some(linux)) = (localhost, spec.linux_mut().as_mut()) {
+            linux.set_seccomp(Some(profile));
+        }
         spec.save(dir.join("config.json")).map_err(|e| Error::Io {
             what: format!("write {}/config.json: {e}", dir.display()),
             source: std::io::Error::other(e.to_string()),

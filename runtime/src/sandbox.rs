@@ -35,6 +35,11 @@ pub struct SandboxConfig {
     pub hostname: String,
     pub host_network: bool,
     pub host_ipc: bool,
+    /// Containers see the host's processes (hostPID).
+    pub host_pid: bool,
+    /// shareProcessNamespace: the `oxlet-shim` whose `pause` holds one PID namespace for all
+    /// containers of the pod; `None` gives each container its own.
+    pub pid_holder: Option<PathBuf>,
     /// Content of the pod's /etc/resolv.conf; `None` copies the host's (dnsPolicy Default).
     pub resolv_conf: Option<String>,
     /// Extra /etc/hosts lines (hostAliases), `IP name...`.
@@ -48,6 +53,9 @@ pub struct Sandbox {
     pub dir: PathBuf,
     pub host_network: bool,
     pub host_ipc: bool,
+    pub host_pid: bool,
+    /// The pod's containers share one PID namespace, bound at `ns/pid`.
+    pub shared_pid: bool,
 }
 
 impl Sandbox {
@@ -57,11 +65,15 @@ impl Sandbox {
         let dir = root.join(id);
         let host_network = !dir.join("ns/net").exists();
         let host_ipc = !dir.join("ns/ipc").exists();
+        let host_pid = dir.join("host-pid").exists();
+        let shared_pid = dir.join("ns/pid").exists();
         Ok(Self {
             id: id.to_string(),
             dir,
             host_network,
             host_ipc,
+            host_pid,
+            shared_pid,
         })
     }
 
@@ -85,6 +97,13 @@ impl Sandbox {
                 Ns::Host
             } else {
                 Ns::Path(self.dir.join("ns/uts"))
+            },
+            pid: if self.host_pid {
+                Ns::Host
+            } else if self.shared_pid {
+                Ns::Path(self.dir.join("ns/pid"))
+            } else {
+                Ns::New
             },
         }
     }
@@ -159,6 +178,8 @@ pub fn create(root: &Path, cfg: &SandboxConfig) -> Result<Sandbox> {
         dir: dir.clone(),
         host_network: cfg.host_network,
         host_ipc: cfg.host_ipc,
+        host_pid: cfg.host_pid,
+        shared_pid: cfg.pid_holder.is_some() && !cfg.host_pid,
     };
     match build(&sb, cfg) {
         Ok(()) => Ok(sb),
@@ -254,7 +275,75 @@ fn build(sb: &Sandbox, cfg: &SandboxConfig) -> Result<()> {
         None => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
     };
     sb.write("resolv.conf", resolv.as_bytes())?;
+    if cfg.host_pid {
+        sb.write("host-pid", b"")?;
+    } else if let Some(shim) = &cfg.pid_holder {
+        hold_pid_namespace(sb, shim)?;
+    }
     sb.write("ready", b"")
+}
+
+/// Starts the process that is PID 1 of the pod's shared PID namespace and binds the namespace
+/// to `ns/pid`; its pid is kept in `pid-holder`.
+fn hold_pid_namespace(sb: &Sandbox, shim: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let sys = |what: &str| {
+        let (id, what) = (sb.id.clone(), what.to_string());
+        move |source| Error::Sys { id, what, source }
+    };
+    let mut cmd = std::process::Command::new(shim);
+    cmd.arg("pause")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: unshare is async-signal-safe; it gives the shim's children a new PID namespace.
+    unsafe {
+        cmd.pre_exec(|| unshare(CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from));
+    }
+    let out = cmd.output().map_err(|source| Error::Io {
+        id: sb.id.clone(),
+        path: shim.to_path_buf(),
+        source,
+    })?;
+    let pid: i32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| sys("start pid namespace holder")(nix::Error::ESRCH))?;
+    sb.write("pid-holder", pid.to_string().as_bytes())?;
+    let target = sb.dir.join("ns/pid");
+    std::fs::File::create(&target).map_err(|source| Error::Io {
+        id: sb.id.clone(),
+        path: target.clone(),
+        source,
+    })?;
+    let src = format!("/proc/{pid}/ns/pid");
+    mount(
+        Some(src.as_str()),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(sys(&format!("bind {src}")))
+}
+
+/// Kills the PID namespace holder, if it still is the one bound at `ns/pid` (pids get reused).
+fn stop_pid_holder(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(pid) = std::fs::read_to_string(dir.join("pid-holder"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let bound = std::fs::metadata(dir.join("ns/pid")).map(|m| m.ino());
+    let live = std::fs::metadata(format!("/proc/{pid}/ns/pid")).map(|m| m.ino());
+    if matches!((bound, live), (Ok(a), Ok(b)) if a == b) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 /// Removes a sandbox: unbinds its namespaces, unmounts /dev/shm, deletes its files.
@@ -265,7 +354,8 @@ pub fn remove(root: &Path, id: &str) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    for p in ["ns/net", "ns/ipc", "ns/uts", "shm"] {
+    stop_pid_holder(&dir);
+    for p in ["ns/net", "ns/ipc", "ns/uts", "ns/pid", "shm"] {
         let path = dir.join(p);
         match umount2(&path, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}

@@ -8,6 +8,10 @@
 //!
 //! `oxlet-shim exec --id ID --root STATE [--timeout-ms N] -- CMD...`: runs CMD in the container
 //! with this process's stdio and exits with its exit code.
+//!
+//! `oxlet-shim pause`, started with a new PID namespace for its children: forks the process that
+//! is PID 1 of that namespace (a pod's shared process namespace), reports its pid on stdout and
+//! exits; the child reaps orphans until it is killed.
 
 use crate::container::{wait_for, ExitInfo};
 use crate::log::{copy_stream, CriLog, Stream};
@@ -47,9 +51,46 @@ pub fn main(args: Vec<String>) -> i32 {
     match verb.as_str() {
         "create" => create(&f),
         "exec" => exec(&f, rest),
+        "pause" => pause(),
         other => {
             eprintln!("oxlet-shim: unknown verb {other}");
             2
+        }
+    }
+}
+
+fn pause() -> i32 {
+    // SAFETY: the child only makes syscalls before it loops; no locks are taken.
+    match unsafe { fork() } {
+        Ok(ForkResult::Parent { child }) => {
+            println!("{child}");
+            0
+        }
+        Ok(ForkResult::Child) => {
+            let _ = setsid();
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                for fd in 0..3 {
+                    // SAFETY: dup2 onto the standard descriptors of this process.
+                    unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                }
+            }
+            loop {
+                match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(-1), None) {
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    // SAFETY: pause only sleeps until a signal (a new orphan's SIGCHLD).
+                    Err(_) => unsafe {
+                        libc::pause();
+                    },
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("oxlet-shim pause: fork: {e}");
+            1
         }
     }
 }

@@ -5,8 +5,8 @@
 
 use crate::cgroup::ContainerResources;
 use crate::oci_spec::image::ImageConfiguration;
-use crate::oci_spec::runtime::Spec;
-use k8s_openapi::api::core::v1::{Container, PodSecurityContext, SecurityContext};
+use crate::oci_spec::runtime::{LinuxSeccomp, Spec};
+use k8s_openapi::api::core::v1::{Container, PodSecurityContext, SeccompProfile, SecurityContext};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -20,6 +20,13 @@ pub enum Error {
     Resources(#[from] crate::cgroup::Error),
     #[error("generated spec is invalid: {0}")]
     Invalid(#[from] serde_json::Error),
+    /// A Localhost seccomp profile that cannot be read (kubelet: CreateContainerError).
+    #[error("cannot load seccomp profile {path:?}: {source}")]
+    Seccomp {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -122,7 +129,7 @@ const DENIED_SYSCALLS: &[&str] = &[
 /// Where a container's namespace of one kind comes from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum Ns {
-    /// The host's (hostNetwork, hostIPC).
+    /// The host's (hostNetwork, hostIPC, hostPID).
     Host,
     /// A fresh one for this container alone.
     #[default]
@@ -136,6 +143,7 @@ pub struct Namespaces {
     pub network: Ns,
     pub ipc: Ns,
     pub uts: Ns,
+    pub pid: Ns,
 }
 
 /// A mount handed in by the caller (volumes, /etc/hosts, service account tokens, ...).
@@ -373,23 +381,27 @@ pub fn capabilities(sc: Option<&SecurityContext>) -> Result<Vec<String>> {
     Ok(set)
 }
 
-fn seccomp_profile(input: &SpecInput) -> Option<Value> {
-    let pick = |t: &str| match t {
-        "RuntimeDefault" => Some(true),
-        "Unconfined" => Some(false),
-        _ => None,
-    };
-    let container = input
-        .container
+/// The seccomp profile in force: the container's, else the pod's.
+fn effective_seccomp<'a>(
+    container: &'a Container,
+    pod_security: Option<&'a PodSecurityContext>,
+) -> Option<&'a SeccompProfile> {
+    container
         .security_context
         .as_ref()
         .and_then(|s| s.seccomp_profile.as_ref())
-        .and_then(|p| pick(&p.type_));
-    let pod = input
-        .pod_security
-        .and_then(|p| p.seccomp_profile.as_ref())
-        .and_then(|p| pick(&p.type_));
-    if !container.or(pod).unwrap_or(input.default_seccomp) {
+        .or_else(|| pod_security.and_then(|p| p.seccomp_profile.as_ref()))
+}
+
+fn seccomp_profile(input: &SpecInput) -> Option<Value> {
+    let on = match effective_seccomp(input.container, input.pod_security).map(|p| p.type_.as_str())
+    {
+        Some("RuntimeDefault") => true,
+        // A Localhost profile is read from the node by `localhost_seccomp`.
+        Some("Unconfined" | "Localhost") => false,
+        _ => input.default_seccomp,
+    };
+    if !on {
         return None;
     }
     Some(json!({
@@ -397,6 +409,105 @@ fn seccomp_profile(input: &SpecInput) -> Option<Value> {
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
         "syscalls": [{"names": DENIED_SYSCALLS, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
     }))
+}
+
+/// The profile of a `Localhost` seccomp profile, read from `<dir>/<localhostProfile>` (kubelet's
+/// `<root-dir>/seccomp`); `None` for every other kind and for privileged containers.
+pub fn localhost_seccomp(
+    container: &Container,
+    pod_security: Option<&PodSecurityContext>,
+    dir: &Path,
+) -> Result<Option<LinuxSeccomp>> {
+    let privileged = container
+        .security_context
+        .as_ref()
+        .and_then(|s| s.privileged)
+        .unwrap_or(false);
+    let Some(p) = effective_seccomp(container, pod_security).filter(|p| p.type_ == "Localhost")
+    else {
+        return Ok(None);
+    };
+    if privileged {
+        return Ok(None);
+    }
+    let name = p.localhost_profile.as_deref().unwrap_or_default();
+    let rel = Path::new(name);
+    if name.is_empty()
+        || rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(Error::Config(format!(
+            "invalid localhostProfile {name:?}: must be a path below {}",
+            dir.display()
+        )));
+    }
+    let path = dir.join(rel);
+    let data = std::fs::read(&path).map_err(|source| Error::Seccomp {
+        path: path.clone(),
+        source: source.into(),
+    })?;
+    let profile = serde_json::from_slice(&data).map_err(|source| Error::Seccomp {
+        path,
+        source: source.into(),
+    })?;
+    Ok(Some(profile))
+}
+
+/// Every capability this process has (containerd's "all current capabilities"): a runtime that
+/// is itself confined cannot hand out more.
+fn privileged_capabilities() -> Vec<String> {
+    let mut v: Vec<String> = caps::read(None, caps::CapSet::Effective)
+        .map(|set| set.iter().map(|c| c.to_string()).collect())
+        .unwrap_or_else(|_| caps::all().iter().map(|c| c.to_string()).collect());
+    v.sort();
+    v
+}
+
+/// The host's device nodes, which a privileged container gets (as containerd gives them).
+fn host_devices() -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut dirs = vec![PathBuf::from("/dev")];
+    while let Some(dir) = dirs.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            let Ok(md) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let ft = md.file_type();
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            if ft.is_dir() {
+                // The container gets its own of these.
+                let own = ["pts", "shm", "mqueue", "fd"];
+                if !own.iter().any(|o| path == Path::new("/dev").join(o)) {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            let kind = if ft.is_char_device() {
+                "c"
+            } else if ft.is_block_device() {
+                "b"
+            } else {
+                continue;
+            };
+            if path == Path::new("/dev/console") || path == Path::new("/dev/ptmx") {
+                continue;
+            }
+            let rdev = md.rdev();
+            out.push(json!({
+                "path": path,
+                "type": kind,
+                "major": libc::major(rdev),
+                "minor": libc::minor(rdev),
+                "fileMode": md.mode() & 0o777,
+                "uid": md.uid(),
+                "gid": md.gid(),
+            }));
+        }
+    }
+    out
 }
 
 fn default_mounts(privileged: bool, host_network: bool) -> Vec<Value> {
@@ -434,7 +545,7 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
     }
     let (uid, gid, additional) = resolve_user(input)?;
     let caps = if privileged {
-        caps::all().iter().map(|c| c.to_string()).collect()
+        privileged_capabilities()
     } else {
         capabilities(sc)?
     };
@@ -470,16 +581,13 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
         process["oomScoreAdj"] = json!(adj);
     }
 
-    let mut namespaces = vec![
-        json!({"type": "pid"}),
-        json!({"type": "mount"}),
-        json!({"type": "cgroup"}),
-    ];
+    let mut namespaces = vec![json!({"type": "mount"}), json!({"type": "cgroup"})];
     let ns = |t: &str, n: &Ns| match n {
         Ns::Host => None,
         Ns::New => Some(json!({"type": t})),
         Ns::Path(path) => Some(json!({"type": t, "path": path})),
     };
+    namespaces.extend(ns("pid", &input.namespaces.pid));
     namespaces.extend(ns("network", &input.namespaces.network));
     namespaces.extend(ns("ipc", &input.namespaces.ipc));
     namespaces.extend(ns("uts", &input.namespaces.uts));
@@ -524,7 +632,19 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
         "resources": resources,
         "cgroupsPath": format!("/{}", input.cgroups_path.trim_start_matches('/')),
     });
-    if !privileged {
+    let sysctls: serde_json::Map<String, Value> = input
+        .pod_security
+        .and_then(|p| p.sysctls.as_ref())
+        .into_iter()
+        .flatten()
+        .map(|s| (s.name.replace('/', "."), json!(s.value)))
+        .collect();
+    if !sysctls.is_empty() {
+        linux["sysctl"] = Value::Object(sysctls);
+    }
+    if privileged {
+        linux["devices"] = json!(host_devices());
+    } else {
         linux["maskedPaths"] = json!(MASKED_PATHS);
         linux["readonlyPaths"] = json!(READONLY_PATHS);
         if let Some(profile) = seccomp_profile(input) {

@@ -55,6 +55,7 @@ fn exited(code: i32, at: i64) -> RunState {
         reason: if code == 0 { "Completed" } else { "Error" }.into(),
         started_at: Some(t(0)),
         finished_at: t(at),
+        message: None,
     }
 }
 
@@ -75,6 +76,7 @@ fn snap(cs: Vec<(&str, u32, RunState)>) -> PodSnapshot {
             })
             .collect(),
         waiting: BTreeMap::new(),
+        health: BTreeMap::new(),
     }
 }
 
@@ -280,4 +282,45 @@ fn unchanged_conditions_keep_their_transition_time() {
     p.status = Some(first.clone());
     let again = status(&p, &sn, 50);
     assert_eq!(first, again);
+}
+
+#[test]
+fn probes_hold_started_and_ready() {
+    use k8s_openapi::api::core::v1::Probe;
+    let mut p = pod("Always", &["c"], &[]);
+    let c = &mut p.spec.as_mut().unwrap().containers[0];
+    c.readiness_probe = Some(Probe::default());
+    c.startup_probe = Some(Probe::default());
+    let mut sn = snap(vec![("c", 0, running())]);
+    let health = |started, ready| crate::probe::Health {
+        id: "u1_c_0".into(),
+        started,
+        ready,
+    };
+    let first = |s: &PodStatus| s.container_statuses.as_ref().unwrap()[0].clone();
+    // Not probed yet: neither started nor ready.
+    let s = status(&p, &sn, 1);
+    assert_eq!((first(&s).started, first(&s).ready), (Some(false), false));
+    assert_eq!(cond(&s, "ContainersReady").status, "False");
+    // Ready alone does not count before the startup probe succeeded.
+    sn.health.insert("c".into(), health(false, true));
+    assert!(!first(&status(&p, &sn, 1)).ready);
+    sn.health.insert("c".into(), health(true, false));
+    let s = status(&p, &sn, 1);
+    assert_eq!((first(&s).started, first(&s).ready), (Some(true), false));
+    assert_eq!(s.phase.as_deref(), Some("Running"));
+    sn.health.insert("c".into(), health(true, true));
+    let s = status(&p, &sn, 1);
+    assert!(first(&s).ready);
+    assert_eq!(cond(&s, "Ready").status, "True");
+    // Health of an earlier attempt says nothing about this one.
+    sn.health.insert(
+        "c".into(),
+        crate::probe::Health {
+            id: "u1_c_7".into(),
+            started: true,
+            ready: true,
+        },
+    );
+    assert!(!first(&status(&p, &sn, 1)).ready);
 }
