@@ -2,6 +2,7 @@
 //! runs the pods bound to this node through `runtime::cri` and `cni::client`, and reports
 //! their status as kubelet does.
 
+pub mod dns_config;
 pub mod env;
 pub mod events;
 pub mod fieldpath;
@@ -97,6 +98,13 @@ pub struct Config {
     /// ephemeral-storage.
     pub reserved:
         std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    /// The cluster DNS servers ClusterFirst pods use (kubelet's --cluster-dns); none gives them
+    /// the node's resolvers.
+    pub cluster_dns: Vec<std::net::IpAddr>,
+    /// The cluster domain searched by ClusterFirst pods (kubelet's --cluster-domain).
+    pub cluster_domain: String,
+    /// The node's resolver configuration, the base of pods' (kubelet's --resolv-conf).
+    pub resolv_conf: PathBuf,
 }
 
 impl Config {
@@ -125,6 +133,9 @@ impl Config {
             pod_cidr_wait: Duration::from_secs(30),
             insecure_registries: Vec::new(),
             reserved: Default::default(),
+            cluster_dns: Vec::new(),
+            cluster_domain: "cluster.local".into(),
+            resolv_conf: dns_config::host_resolv_conf(),
         }
     }
 }

@@ -265,7 +265,7 @@ impl PodRuntime {
             host_ipc: spec.host_ipc == Some(true),
             host_pid: spec.host_pid == Some(true),
             pid_holder: (spec.share_process_namespace == Some(true)).then(|| self.cfg.shim.clone()),
-            resolv_conf: None,
+            resolv_conf: crate::dns_config::resolv_conf(pod, &self.cfg),
             host_aliases: Vec::new(),
         })?;
         if host_network || rec.network.is_some() {
@@ -281,7 +281,8 @@ impl PodRuntime {
             .collect();
         rec.network = Some(net.name.clone());
         self.write_record(&rec)?;
-        sandbox.write_hosts(&hostname, rec.pod_ips.first().map(String::as_str), &[])?;
+        let names = crate::dns_config::hosts_names(pod, &hostname, &self.cfg.cluster_domain);
+        sandbox.write_hosts(&names, rec.pod_ips.first().map(String::as_str), &[])?;
         Ok(rec)
     }
 

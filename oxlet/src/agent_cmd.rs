@@ -54,6 +54,17 @@ pub struct AgentArgs {
     /// Registries (host:port) to pull from over plain HTTP besides loopback.
     #[arg(long)]
     insecure_registry: Vec<String>,
+    /// Cluster DNS servers for ClusterFirst pods (comma-separated); without any, pods get the
+    /// node's resolvers.
+    #[arg(long, value_delimiter = ',')]
+    cluster_dns: Vec<IpAddr>,
+    /// The cluster domain ClusterFirst pods search.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The node's resolver configuration, the base of pods' (default: /etc/resolv.conf, or
+    /// systemd-resolved's upstream list when it names only the local stub).
+    #[arg(long)]
+    resolv_conf: Option<PathBuf>,
 }
 
 fn parse_reserved(s: &str) -> Result<(String, String), String> {
@@ -101,6 +112,11 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
     cfg.pod_cidr = args.pod_cidr;
     cfg.node_ip = args.node_ip;
     cfg.insecure_registries = args.insecure_registry;
+    cfg.cluster_dns = args.cluster_dns;
+    cfg.cluster_domain = args.cluster_domain;
+    if let Some(r) = args.resolv_conf {
+        cfg.resolv_conf = r;
+    }
     cfg.reserved = args
         .reserved
         .into_iter()

@@ -2,6 +2,7 @@
 //! controllers, scheduler), the node agent and the node's kube-proxy, each speaking the
 //! Kubernetes API through an in-process client under its own identity.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,6 +61,20 @@ pub struct UpArgs {
     /// CNI results cache and host-local IPAM state.
     #[arg(long, default_value = "/var/lib/cni")]
     cni_cache_dir: PathBuf,
+    /// The cluster DNS address: the kube-dns Service's ClusterIP, pods' nameserver.
+    #[arg(long, default_value = "10.96.0.10")]
+    cluster_dns: IpAddr,
+    /// The cluster domain served by the cluster DNS and searched by pods.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The node's resolver configuration: the cluster DNS forwards other names to its
+    /// nameservers, and pods with dnsPolicy Default get it (default: /etc/resolv.conf, or
+    /// systemd-resolved's upstream list when it names only the local stub).
+    #[arg(long)]
+    resolv_conf: Option<PathBuf>,
+    /// Run without the cluster DNS (pods get the node's resolvers).
+    #[arg(long)]
+    no_dns: bool,
 }
 
 /// `50s`, `2m`, `1h` or plain seconds.
@@ -102,6 +117,42 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
             server.kubeconfig.display()
         );
         let mut parts = tokio::task::JoinSet::new();
+        let resolv_conf = args
+            .resolv_conf
+            .clone()
+            .unwrap_or_else(agent::dns_config::host_resolv_conf);
+        if !args.no_dns {
+            let mut dcfg = dns::Config::new(Vec::new());
+            dcfg.domain = args.cluster_domain.clone();
+            dcfg.upstreams = dns::upstream::nameservers_or_none(&resolv_conf);
+            let kcfg = dns::kube_dns::Config {
+                node_name: node.clone(),
+                service_ip: args.cluster_dns,
+                port: 53,
+                fallback_address: control::namespaces::advertise_address(server.addr)
+                    .map(IpAddr::V4),
+                dns: dcfg,
+                resync: Duration::from_secs(10),
+            };
+            let id = Identity {
+                user: "system:serviceaccount:kube-system:coredns".into(),
+                groups: vec![
+                    "system:serviceaccounts".into(),
+                    "system:serviceaccounts:kube-system".into(),
+                    "system:authenticated".into(),
+                ],
+            };
+            let client = server.client(id);
+            parts.spawn(async move {
+                if let Err(e) = dns::kube_dns::run(client, kcfg).await {
+                    tracing::error!("cluster DNS stopped: {e}");
+                }
+            });
+            eprintln!(
+                "cluster DNS: {} (Service kube-system/kube-dns), domain {}",
+                args.cluster_dns, args.cluster_domain
+            );
+        }
         if !args.no_proxy {
             let mut pcfg = proxy::Config::new(node.clone());
             pcfg.cluster_cidr = args.cluster_cidr;
@@ -122,6 +173,11 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
             acfg.cni_conf_dir = args.cni_conf_dir;
             acfg.cni_bin_dirs = args.cni_bin_dir;
             acfg.cni_cache_dir = args.cni_cache_dir;
+            if !args.no_dns {
+                acfg.cluster_dns = vec![args.cluster_dns];
+            }
+            acfg.cluster_domain = args.cluster_domain;
+            acfg.resolv_conf = resolv_conf;
             acfg.shim = crate::agent_cmd::sibling("oxlet-shim")
                 .filter(|p| p.is_file())
                 .context("oxlet-shim is not next to oxlet")?;

@@ -1,0 +1,378 @@
+//! Cluster DNS under `oxlet up`: the kube-dns Service at 10.96.0.10 reaches the in-process DNS
+//! server through the proxy, and a busybox pod resolves Services by short and full names with
+//! the resolv.conf kubelet writes. Names outside the cluster go to an upstream of the test's
+//! own on a loopback address (given to `oxlet up` through --resolv-conf), never further.
+//!
+//! Ignored in the parallel run and run alone by `scripts/test`, as `oxlet up` owns the
+//! `oxlet-proxy` table and 10.96.0.0/12.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+struct Up {
+    child: Option<Child>,
+    kc: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // The pod goes first, while the agent can still tear it down.
+        if self.child.is_some() {
+            let _ = kubectl(
+                &self.kc,
+                &["delete", "pod", "--all", "--wait", "--timeout=60s"],
+                None,
+            );
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new(env!("CARGO_BIN_EXE_oxlet"))
+            .args(["proxy", "--cleanup"])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", "oxlet0"])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn kubectl(kc: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    use std::io::Write;
+    let mut c = Command::new("/usr/lib/google-cloud-sdk/bin/kubectl.1.33")
+        .arg("--kubeconfig")
+        .arg(kc)
+        .args(args)
+        .env("HOME", kc.parent().unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    let mut input = c.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    c.wait_with_output().unwrap()
+}
+
+#[track_caller]
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "kubectl failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An upstream resolver on a loopback address, port 53 (resolv.conf names no ports):
+/// `*.upstream.test` is A 198.51.100.7, everything else NXDOMAIN. Counts queries.
+fn upstream() -> (Ipv4Addr, Arc<AtomicUsize>) {
+    let (sock, ip) = (0..50)
+        .find_map(|_| {
+            let ip = Ipv4Addr::new(127, 53, rand::random::<u8>(), rand::random::<u8>().max(1));
+            std::net::UdpSocket::bind(SocketAddr::from((ip, 53)))
+                .ok()
+                .map(|s| (s, ip))
+        })
+        .expect("a free loopback address for the upstream");
+    let count = Arc::new(AtomicUsize::new(0));
+    let n = count.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let zone = Name::from_ascii("upstream.test.").unwrap();
+        while let Ok((len, from)) = sock.recv_from(&mut buf) {
+            n.fetch_add(1, Ordering::SeqCst);
+            let Ok(req) = Message::from_vec(&buf[..len]) else {
+                continue;
+            };
+            let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+            resp.metadata.recursion_desired = req.metadata.recursion_desired;
+            resp.metadata.recursion_available = true;
+            resp.queries = req.queries.clone();
+            if let Some(q) = req.queries.first() {
+                if !zone.zone_of(q.name()) {
+                    resp.metadata.response_code = ResponseCode::NXDomain;
+                } else if q.query_type() == RecordType::A {
+                    resp.answers.push(Record::from_rdata(
+                        q.name().clone(),
+                        30,
+                        RData::A(A(Ipv4Addr::new(198, 51, 100, 7))),
+                    ));
+                }
+            }
+            let _ = sock.send_to(&resp.to_vec().unwrap(), from);
+        }
+    });
+    (ip, count)
+}
+
+fn nft_service_ips() -> String {
+    let out = Command::new("nft")
+        .args(["list", "map", "ip", "oxlet-proxy", "service-ips"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "run alone by scripts/test (owns the oxlet-proxy table and 10.96.0.0/12)"]
+fn pods_resolve_services_through_the_cluster_dns() {
+    let (upstream_ip, upstream_count) = upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let resolv = d.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {upstream_ip}\nsearch upstream.test\noptions edns0\n"),
+    )
+    .unwrap();
+    let port = free_port();
+    let kc = d.join("admin.kubeconfig");
+    let child = Command::new(env!("CARGO_BIN_EXE_oxlet"))
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .args(["up", "--port", &port.to_string(), "--kubeconfig"])
+        .arg(&kc)
+        .arg("--run-dir")
+        .arg(d.join("run"))
+        .arg("--log-dir")
+        .arg(d.join("logs"))
+        .arg("--cni-conf-dir")
+        .arg(d.join("net.d"))
+        .arg("--cni-bin-dir")
+        .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
+        .arg("--cni-cache-dir")
+        .arg(d.join("cni-cache"))
+        .arg("--resolv-conf")
+        .arg(&resolv)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("oxlet up starts");
+    let up = Up {
+        child: Some(child),
+        kc: kc.clone(),
+        dir,
+    };
+    until("the API server", Duration::from_secs(30), || {
+        kc.exists()
+            && kubectl(&kc, &["get", "--raw", "/readyz"], None)
+                .status
+                .success()
+    });
+    until("the node Ready", Duration::from_secs(30), || {
+        let out = kubectl(
+            &kc,
+            &[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={.items[0].status.conditions[?(@.type=='Ready')].status}",
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout) == "True"
+    });
+    let node_ip = ok(kubectl(
+        &kc,
+        &[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={.items[0].status.addresses[?(@.type=='InternalIP')].address}",
+        ],
+        None,
+    ));
+
+    // kube-dns as kubeadm's CoreDNS addon has it, with a slice to the node's address port 53.
+    until("the kube-dns slice", Duration::from_secs(20), || {
+        let out = kubectl(
+            &kc,
+            &[
+                "-n",
+                "kube-system",
+                "get",
+                "endpointslice",
+                "kube-dns",
+                "-o",
+                "jsonpath={.endpoints[0].addresses[0]} {.ports[*].port}",
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout) == format!("{node_ip} 53 53")
+    });
+    let svc = ok(kubectl(
+        &kc,
+        &[
+            "-n",
+            "kube-system",
+            "get",
+            "svc",
+            "kube-dns",
+            "-o",
+            "jsonpath={.spec.clusterIP} {.metadata.labels.k8s-app} {.spec.ports[*].name} {.spec.ports[*].protocol}",
+        ],
+        None,
+    ));
+    assert_eq!(svc, "10.96.0.10 kube-dns dns dns-tcp UDP TCP");
+
+    // Deleted, it comes back (level-triggered), with its slice.
+    ok(kubectl(
+        &kc,
+        &["-n", "kube-system", "delete", "svc", "kube-dns"],
+        None,
+    ));
+    until("kube-dns made again", Duration::from_secs(20), || {
+        let out = kubectl(
+            &kc,
+            &[
+                "-n",
+                "kube-system",
+                "get",
+                "svc",
+                "kube-dns",
+                "-o",
+                "jsonpath={.spec.clusterIP}",
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout) == "10.96.0.10"
+    });
+
+    // No packet goes to 10.96.0.10 (nor 10.96.0.1) before the proxy's rules for it exist.
+    until("the rules for 10.96.0.10", Duration::from_secs(20), || {
+        let m = nft_service_ips();
+        m.contains("10.96.0.10 . udp . 53")
+            && m.contains("10.96.0.10 . tcp . 53")
+            && m.contains("10.96.0.1 . tcp . 443")
+    });
+
+    let web_ip = {
+        ok(kubectl(
+            &kc,
+            &["create", "service", "clusterip", "dns-web", "--tcp=80:8080"],
+            None,
+        ));
+        ok(kubectl(
+            &kc,
+            &["get", "svc", "dns-web", "-o", "jsonpath={.spec.clusterIP}"],
+            None,
+        ))
+    };
+    // busybox nslookup applies the search list to dotless names only (unlike libc's ndots), so
+    // `kubernetes.default` is also resolved through libc, by ping (whose ICMP the proxy's
+    // reject rule for ClusterIPs answers on this machine).
+    let script = "cat /etc/resolv.conf; echo ===; nslookup kubernetes; echo ===; \
+                  nslookup kubernetes.default.svc.cluster.local; echo ===; \
+                  nslookup dns-web.default.svc.cluster.local; echo ===; \
+                  nslookup www.upstream.test; echo ===; \
+                  ping -c 1 -W 1 kubernetes.default; echo ===; \
+                  ping -c 1 -W 1 dns-web; echo ===";
+    let pod = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: dns-client}}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: c
+    image: 127.0.0.1:5000/test/busybox:latest
+    command: [sh, -c, '{script}']
+"
+    );
+    ok(kubectl(&kc, &["apply", "-f", "-"], Some(&pod)));
+    until("the pod finished", Duration::from_secs(120), || {
+        let out = kubectl(
+            &kc,
+            &["get", "pod", "dns-client", "-o", "jsonpath={.status.phase}"],
+            None,
+        );
+        matches!(
+            String::from_utf8_lossy(&out.stdout).as_ref(),
+            "Succeeded" | "Failed"
+        )
+    });
+    let uid = ok(kubectl(
+        &kc,
+        &["get", "pod", "dns-client", "-o", "jsonpath={.metadata.uid}"],
+        None,
+    ));
+    let log_path = up
+        .dir
+        .path()
+        .join(format!("logs/default_dns-client_{uid}/c/0.log"));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    // CRI log lines: `<time> <stream> <P|F> <text>`.
+    let out: String = log
+        .lines()
+        .map(|l| l.splitn(4, ' ').nth(3).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let parts: Vec<&str> = out.split("===").map(str::trim).collect();
+    assert_eq!(
+        parts[0],
+        "search default.svc.cluster.local svc.cluster.local cluster.local upstream.test\n\
+         nameserver 10.96.0.10\noptions ndots:5",
+        "the pod's resolv.conf, as kubelet writes it\n{out}"
+    );
+    let address_of = |part: &str, ip: &str| {
+        part.lines()
+            .any(|l| l.starts_with("Address") && l.split_whitespace().last() == Some(ip))
+    };
+    assert!(address_of(parts[1], "10.96.0.1"), "kubernetes:\n{out}");
+    assert!(
+        address_of(parts[2], "10.96.0.1"),
+        "kubernetes.default.svc.cluster.local:\n{out}"
+    );
+    assert!(address_of(parts[3], &web_ip), "dns-web full name:\n{out}");
+    assert!(
+        address_of(parts[4], "198.51.100.7"),
+        "forwarded name:\n{out}"
+    );
+    assert!(
+        parts[5].starts_with("PING kubernetes.default (10.96.0.1)"),
+        "kubernetes.default through libc:\n{out}"
+    );
+    assert!(
+        parts[6].starts_with(&format!("PING dns-web ({web_ip})")),
+        "dns-web through libc:\n{out}"
+    );
+    assert!(upstream_count.load(Ordering::SeqCst) > 0);
+
+    ok(kubectl(
+        &kc,
+        &["delete", "pod", "dns-client", "--wait"],
+        None,
+    ));
+    ok(kubectl(&kc, &["delete", "svc", "dns-web"], None));
+}
