@@ -3,6 +3,7 @@
 //! their status as kubelet does.
 
 pub mod events;
+pub mod kubelet_api;
 pub mod network;
 pub mod node;
 pub mod pod_runtime;
@@ -34,6 +35,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    KubeletApi(#[from] kubelet_api::Error),
     #[error("blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -87,6 +90,11 @@ pub struct Config {
     /// ephemeral-storage.
     pub reserved:
         std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+    /// Port of the kubelet API (HTTPS on every address), reported in the Node's daemonEndpoints.
+    pub kubelet_port: u16,
+    /// DER certificates of the CA whose client certificates the kubelet API accepts (the
+    /// cluster CA); empty refuses every request with 401.
+    pub client_ca: Vec<Vec<u8>>,
 }
 
 impl Config {
@@ -114,6 +122,8 @@ impl Config {
             pod_cidr_wait: Duration::from_secs(30),
             insecure_registries: Vec::new(),
             reserved: Default::default(),
+            kubelet_port: node::KUBELET_PORT as u16,
+            client_ca: Vec::new(),
         }
     }
 }
@@ -145,6 +155,12 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
     let host_ip = node::internal_ip(&cfg);
     let ctx = Arc::new(pod_runtime::PodRuntime::new(&cfg, host_ip)?);
     let _heartbeat = AbortOnDrop(tokio::spawn(node::heartbeat(client.clone(), cfg.clone())));
+    let api = ctx.clone();
+    let _kubelet_api = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = kubelet_api::serve(api).await {
+            tracing::error!(error = %e, "kubelet API stopped");
+        }
+    }));
     pods::run(client, cfg, ctx).await
 }
 

@@ -50,6 +50,9 @@ pub struct AgentArgs {
     /// Registries (host:port) to pull from over plain HTTP besides loopback.
     #[arg(long)]
     insecure_registry: Vec<String>,
+    /// Port of the kubelet API (logs, exec, port-forward, stats), HTTPS on every address.
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: u16,
 }
 
 fn parse_reserved(s: &str) -> Result<(String, String), String> {
@@ -108,6 +111,7 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
         })
         .collect();
     cfg.backoff_base = Duration::from_secs(args.backoff_seconds.max(1));
+    cfg.kubelet_port = args.kubelet_port;
     cfg.shim = args
         .shim
         .or_else(|| sibling("oxlet-shim"))
@@ -117,6 +121,11 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
         let kc = kube::config::Kubeconfig::read_from(&args.kubeconfig)
             .with_context(|| format!("read {}", args.kubeconfig.display()))?;
         let kcfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        // The kubelet API accepts the client certificates of the cluster's CA.
+        cfg.client_ca = kcfg.root_cert.clone().unwrap_or_default();
+        if cfg.client_ca.is_empty() {
+            tracing::warn!("the kubeconfig names no certificate authority: the kubelet API will refuse every request");
+        }
         let client = kube::Client::try_from(kcfg)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
