@@ -1,6 +1,7 @@
 //! The node agent (kubelet's job): registers the Node and keeps its status and Lease fresh,
-//! runs the pods bound to this node through `runtime::cri` and `cni::client`, and reports
-//! their status as kubelet does.
+//! runs the pods bound to this node through `runtime::cri` and `cni::client`, reports their
+//! status as kubelet does, and serves the kubelet API (`kubelet_api`: logs, exec, attach,
+//! port-forward, stats) that the API server forwards to.
 
 pub mod events;
 pub mod kubelet_api;
