@@ -450,6 +450,43 @@ async fn kubelet_port_refuses_anonymous_and_serves_pods_stats_and_metrics() -> R
         ("ok".to_string(), "200".to_string())
     );
 
+    // A certificate of another CA is refused at the handshake.
+    let (fk, fc) = (
+        c.dir.path().join("foreign.key"),
+        c.dir.path().join("foreign.crt"),
+    );
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=system:admin",
+            "-keyout",
+        ])
+        .arg(&fk)
+        .arg("-out")
+        .arg(&fc)
+        .output()?;
+    anyhow::ensure!(made.status.success(), "openssl: {made:?}");
+    let (body, code) = curl(&[
+        "--cert",
+        fc.to_str().unwrap(),
+        "--key",
+        fk.to_str().unwrap(),
+        &format!("{base}/healthz"),
+    ])
+    .await?;
+    assert_eq!(code, "000", "a foreign certificate got an answer: {body}");
+
     let (pods, code) = get("/pods").await?;
     assert_eq!(code, "200");
     let pods: Value = serde_json::from_str(&pods)?;

@@ -638,7 +638,8 @@ async fn run_attach(
     let id = id.to_string();
     let start = logs::end_of(&log);
     std::thread::spawn(move || {
-        let exited = || !matches!(rt.container_state(&id), Ok(State::Running { .. }));
+        let exited =
+            || tx.is_closed() || !matches!(rt.container_state(&id), Ok(State::Running { .. }));
         logs::follow_file(&log, start, exited, |recs| {
             for r in recs {
                 let mut m = r.message;

@@ -280,11 +280,13 @@ pub(super) async fn serve(
         if !send(&tx, buf) || !follow {
             return;
         }
+        // A client that went away ends the follow as an exited container does.
         let exited = || {
-            !matches!(
-                rt.container_state(&id),
-                Ok(State::Running { .. } | State::Created)
-            )
+            tx.is_closed()
+                || !matches!(
+                    rt.container_state(&id),
+                    Ok(State::Running { .. } | State::Created)
+                )
         };
         follow_file(&dir.join(format!("{attempt}.log")), last, exited, |recs| {
             let mut out = Vec::new();
