@@ -1,12 +1,14 @@
 //! The node agent (kubelet's job): registers the Node and keeps its status and Lease fresh,
-//! runs the pods bound to this node through `runtime::cri` and `cni::client`, and reports
-//! their status as kubelet does.
+//! runs the pods bound to this node through `runtime::cri` and `cni::client`, reports their
+//! status as kubelet does, and serves the kubelet API (`kubelet_api`: logs, exec, attach,
+//! port-forward, stats) that the API server forwards to.
 
 pub mod dns_config;
 pub mod env;
 pub mod events;
 pub mod fieldpath;
 pub mod lifecycle;
+pub mod kubelet_api;
 pub mod network;
 pub mod node;
 pub mod objects;
@@ -42,6 +44,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    KubeletApi(#[from] kubelet_api::Error),
     #[error("blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -105,6 +109,11 @@ pub struct Config {
     pub cluster_domain: String,
     /// The node's resolver configuration, the base of pods' (kubelet's --resolv-conf).
     pub resolv_conf: PathBuf,
+    /// Port of the kubelet API (HTTPS on every address), reported in the Node's daemonEndpoints.
+    pub kubelet_port: u16,
+    /// DER certificates of the CA whose client certificates the kubelet API accepts (the
+    /// cluster CA); empty refuses every request with 401.
+    pub client_ca: Vec<Vec<u8>>,
 }
 
 impl Config {
@@ -136,6 +145,8 @@ impl Config {
             cluster_dns: Vec::new(),
             cluster_domain: "cluster.local".into(),
             resolv_conf: dns_config::host_resolv_conf(),
+            kubelet_port: node::KUBELET_PORT as u16,
+            client_ca: Vec::new(),
         }
     }
 }
@@ -167,6 +178,12 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
     let host_ip = node::internal_ip(&cfg);
     let ctx = Arc::new(pod_runtime::PodRuntime::new(&cfg, host_ip)?);
     let _heartbeat = AbortOnDrop(tokio::spawn(node::heartbeat(client.clone(), cfg.clone())));
+    let api = ctx.clone();
+    let _kubelet_api = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = kubelet_api::serve(api).await {
+            tracing::error!(error = %e, "kubelet API stopped");
+        }
+    }));
     pods::run(client, cfg, ctx).await
 }
 

@@ -200,7 +200,9 @@ pub fn current_status(cfg: &Config) -> NodeStatus {
             ),
         ]),
         daemon_endpoints: Some(NodeDaemonEndpoints {
-            kubelet_endpoint: Some(DaemonEndpoint { port: KUBELET_PORT }),
+            kubelet_endpoint: Some(DaemonEndpoint {
+                port: i32::from(cfg.kubelet_port),
+            }),
         }),
         node_info: Some(NodeSystemInfo {
             architecture: arch().into(),

@@ -104,6 +104,8 @@ pub struct PodRuntime {
     pub allocatable: BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
     pull_opts: PullOptions,
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The pods being worked on, by uid, as last seen from the API (the kubelet API's /pods).
+    pods: Mutex<BTreeMap<String, Arc<Pod>>>,
 }
 
 /// A container id for attempt `attempt` of container `name` of pod `uid`.
@@ -178,7 +180,43 @@ impl PodRuntime {
                 ..Default::default()
             },
             pulls: Mutex::new(HashMap::new()),
+            pods: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Records the newest version of a pod being worked on.
+    pub fn set_pod(&self, pod: Arc<Pod>) {
+        if let Some(uid) = pod.metadata.uid.clone() {
+            self.pods.lock().expect("pods lock").insert(uid, pod);
+        }
+    }
+
+    /// Forgets a pod whose worker finished.
+    pub fn forget_pod(&self, uid: &str) {
+        self.pods.lock().expect("pods lock").remove(uid);
+    }
+
+    /// The pods being worked on.
+    pub fn running_pods(&self) -> Vec<Arc<Pod>> {
+        self.pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The pod `ns/name` being worked on.
+    pub fn pods_by_name(&self, ns: &str, name: &str) -> Option<Arc<Pod>> {
+        self.pods
+            .lock()
+            .expect("pods lock")
+            .values()
+            .find(|p| {
+                p.metadata.namespace.as_deref().unwrap_or("default") == ns
+                    && p.metadata.name.as_deref() == Some(name)
+            })
+            .cloned()
     }
 
     fn pods_dir(&self) -> PathBuf {
@@ -236,7 +274,8 @@ impl PodRuntime {
         }))
     }
 
-    fn log_dir(&self, ns: &str, name: &str, uid: &str) -> PathBuf {
+    /// Where the logs of pod `ns/name` with `uid` are written.
+    pub fn log_dir(&self, ns: &str, name: &str, uid: &str) -> PathBuf {
         self.cfg.log_dir.join(format!("{ns}_{name}_{uid}"))
     }
 
@@ -303,7 +342,7 @@ impl PodRuntime {
     }
 
     /// The attempts of each container of pod `uid`, newest first (blocking).
-    fn attempts(&self, uid: &str) -> BTreeMap<String, Vec<(u32, String)>> {
+    pub fn attempts(&self, uid: &str) -> BTreeMap<String, Vec<(u32, String)>> {
         let mut by_name: BTreeMap<String, Vec<(u32, String)>> = BTreeMap::new();
         for id in self.rt.list_containers() {
             if let Some((u, name, attempt)) = parse_container_id(&id) {

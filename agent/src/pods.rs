@@ -42,6 +42,7 @@ impl Dispatcher {
             return;
         }
         let pod = Arc::new(pod);
+        self.ctx.set_pod(pod.clone());
         if let Some(tx) = self.workers.get(&uid) {
             // Replaces an update the worker has not taken yet: only the newest matters. A change
             // of status alone (the worker's own report) does not wake the worker.
@@ -136,6 +137,7 @@ pub async fn run(client: kube::Client, cfg: Config, ctx: Arc<PodRuntime>) -> Res
             Some(done) = d.tasks.join_next(), if !d.tasks.is_empty() => {
                 if let Ok(uid) = done {
                     d.workers.remove(&uid);
+                    d.ctx.forget_pod(&uid);
                     d.terminated.insert(uid);
                 }
             }

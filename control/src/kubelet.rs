@@ -168,6 +168,26 @@ pub async fn proxy(
         .await
         .map_err(|e| unavailable(e.to_string()))?;
     let status = resp.status();
+    if !upgrading && !status.is_success() {
+        // As kube-apiserver's response checker: the kubelet's plain-text error becomes a Status.
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&body[..body.len().min(64 << 10)])
+            .trim()
+            .to_string();
+        return Err(match status.as_u16() {
+            400 => ApiError::bad_request(text),
+            500 => ApiError::internal(format!("Internal error occurred: {text}")),
+            401 => ApiError::new(401, "Unauthorized", text),
+            403 => ApiError::new(403, "Forbidden", text),
+            404 => ApiError::new(404, "NotFound", text),
+            code => ApiError::new(code, "InternalError", text),
+        });
+    }
     let mut back = Response::builder().status(status);
     for (k, v) in resp.headers() {
         if UPGRADE_HEADERS.contains(&k.as_str()) || k == header::CONTENT_TYPE {

@@ -65,6 +65,9 @@ pub struct AgentArgs {
     /// systemd-resolved's upstream list when it names only the local stub).
     #[arg(long)]
     resolv_conf: Option<PathBuf>,
+    /// Port of the kubelet API (logs, exec, port-forward, stats), HTTPS on every address.
+    #[arg(long, default_value_t = 10250)]
+    kubelet_port: u16,
 }
 
 fn parse_reserved(s: &str) -> Result<(String, String), String> {
@@ -129,6 +132,7 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
         .collect();
     cfg.backoff_base = Duration::from_secs(args.backoff_seconds.max(1));
     cfg.sync_frequency = Duration::from_secs(args.sync_frequency_seconds.max(1));
+    cfg.kubelet_port = args.kubelet_port;
     cfg.shim = args
         .shim
         .or_else(|| sibling("oxlet-shim"))
@@ -138,6 +142,11 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
         let kc = kube::config::Kubeconfig::read_from(&args.kubeconfig)
             .with_context(|| format!("read {}", args.kubeconfig.display()))?;
         let kcfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        // The kubelet API accepts the client certificates of the cluster's CA.
+        cfg.client_ca = kcfg.root_cert.clone().unwrap_or_default();
+        if cfg.client_ca.is_empty() {
+            tracing::warn!("the kubeconfig names no certificate authority: the kubelet API will refuse every request");
+        }
         let client = kube::Client::try_from(kcfg)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

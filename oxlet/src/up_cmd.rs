@@ -182,6 +182,8 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
                 .filter(|p| p.is_file())
                 .context("oxlet-shim is not next to oxlet")?;
             acfg.bridge_plugin = crate::agent_cmd::sibling("oxlet-bridge").filter(|p| p.is_file());
+            let ca = control::certs::Pki::new(data_dir).ca_pem()?;
+            acfg.client_ca = agent::kubelet_api::pem_to_der(ca.as_bytes());
             let id = Identity {
                 user: format!("{}{node}", control::certs::NODE_USER_PREFIX),
                 groups: vec!["system:nodes".into(), "system:authenticated".into()],

@@ -25,6 +25,8 @@ pub enum Error {
     NotFound(String),
     #[error("container {0} already exists")]
     AlreadyExists(String),
+    #[error("container {0} is not running")]
+    NotRunning(String),
     #[error("invalid container id {0:?}")]
     InvalidId(String),
     #[error("container {id}: {source}")]
@@ -426,6 +428,30 @@ pub fn exec_command(
     cmd
 }
 
+/// Like `exec_command`, on a terminal made inside the container (its devpts), as runc's
+/// `exec -t`: the pty master is sent over the unix socket at `console_socket`, where the caller
+/// listens, and the process's stdio is the terminal.
+pub fn exec_tty_command(
+    paths: &Paths,
+    id: &str,
+    args: &[String],
+    console_socket: &Path,
+) -> Command {
+    let mut cmd = Command::new(&paths.shim);
+    cmd.arg("exec")
+        .arg("--id")
+        .arg(id)
+        .arg("--root")
+        .arg(&paths.state_root)
+        .arg("--bundle")
+        .arg(paths.dir(id))
+        .arg("--console-socket")
+        .arg(console_socket)
+        .arg("--")
+        .args(args);
+    cmd
+}
+
 /// Output of a finished exec.
 #[derive(Debug, Clone)]
 pub struct ExecOutput {
@@ -442,10 +468,7 @@ pub fn exec(
     timeout: Option<Duration>,
 ) -> Result<ExecOutput> {
     if !matches!(state(paths, id)?, State::Running { .. }) {
-        return Err(Error::Shim {
-            id: id.into(),
-            message: "container is not running".into(),
-        });
+        return Err(Error::NotRunning(id.into()));
     }
     let out = exec_command(paths, id, args, timeout)
         .stdin(Stdio::null())

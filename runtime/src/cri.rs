@@ -180,6 +180,35 @@ impl Runtime {
         Ok(container::usage(&self.paths, id)?)
     }
 
+    /// A command that runs `args` in the namespaces and cgroup of running container `id`
+    /// (through `oxlet-shim exec`); the caller picks its stdio, and its exit code is the
+    /// process's (128+N for signal N, 126 when the process could not be started).
+    pub fn exec_command(&self, id: &str, args: &[String]) -> Result<std::process::Command> {
+        match container::state(&self.paths, id)? {
+            State::Running { .. } => Ok(container::exec_command(&self.paths, id, args, None)),
+            _ => Err(container::Error::NotRunning(id.to_string()).into()),
+        }
+    }
+
+    /// Like `exec_command` on a terminal: the pty master arrives on the unix socket at
+    /// `console_socket` (see `container::exec_tty_command`).
+    pub fn exec_tty_command(
+        &self,
+        id: &str,
+        args: &[String],
+        console_socket: &Path,
+    ) -> Result<std::process::Command> {
+        match container::state(&self.paths, id)? {
+            State::Running { .. } => Ok(container::exec_tty_command(
+                &self.paths,
+                id,
+                args,
+                console_socket,
+            )),
+            _ => Err(container::Error::NotRunning(id.to_string()).into()),
+        }
+    }
+
     pub fn list_containers(&self) -> Vec<String> {
         container::list(&self.paths)
     }

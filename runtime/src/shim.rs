@@ -7,7 +7,9 @@
 //! stderr into the CRI log and, when the process ends, writes `DIR/exit.json`.
 //!
 //! `oxlet-shim exec --id ID --root STATE [--timeout-ms N] -- CMD...`: runs CMD in the container
-//! with this process's stdio and exits with its exit code.
+//! with this process's stdio and exits with its exit code. With `--bundle DIR --console-socket
+//! PATH`, CMD runs as the container's process does (user, env, cwd) on a terminal made inside
+//! the container, whose master libcontainer sends to the socket at PATH.
 //!
 //! `oxlet-shim pause`, started with a new PID namespace for its children: forks the process that
 //! is PID 1 of that namespace (a pod's shared process namespace), reports its pid on stdout and
@@ -21,7 +23,7 @@ use nix::unistd::{fork, setsid, ForkResult};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -210,6 +212,20 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
+/// The container's own process (user, env, cwd, capabilities) running `cmd` on a terminal,
+/// written for libcontainer's `with_process` next to the container's state.
+fn tty_process(bundle: &Path, state: &Path, cmd: Vec<String>) -> Result<PathBuf, String> {
+    let spec = libcontainer::oci_spec::runtime::Spec::load(bundle.join("config.json"))
+        .map_err(|e| format!("container spec: {e}"))?;
+    let mut p = spec.process().clone().unwrap_or_default();
+    p.set_args(Some(cmd));
+    p.set_terminal(Some(true));
+    let path = state.join(format!("exec-{}.json", std::process::id()));
+    let json = serde_json::to_vec(&p).map_err(|e| e.to_string())?;
+    std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
 fn exec(f: &HashMap<String, String>, cmd: Vec<String>) -> i32 {
     let run = || -> Result<i32, String> {
         let id = get(f, "id")?;
@@ -224,17 +240,42 @@ fn exec(f: &HashMap<String, String>, cmd: Vec<String>) -> i32 {
             }
             Ok(unsafe { OwnedFd::from_raw_fd(n) })
         };
-        let pid = ContainerBuilder::new(id.clone(), SyscallType::default())
+        let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
             .with_root_path(&root)
-            .map_err(|e| e.to_string())?
-            .with_stdin(dup(0)?)
-            .with_stdout(dup(1)?)
-            .with_stderr(dup(2)?)
-            .as_tenant()
-            .with_container_args(cmd)
-            .with_detach(true)
-            .build()
             .map_err(|e| e.to_string())?;
+        let pid = if let Some(socket) = f.get("console-socket") {
+            let bundle = PathBuf::from(get(f, "bundle")?);
+            let process = tty_process(&bundle, &root.join(&id), cmd)?;
+            let built = builder
+                .with_console_socket(Some(socket))
+                .as_tenant()
+                .with_process(Some(&process))
+                .with_detach(true)
+                .build();
+            let _ = std::fs::remove_file(&process);
+            // libcontainer links the socket into the container's state dir and leaves the link.
+            for e in std::fs::read_dir(root.join(&id))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let ours = std::fs::read_link(e.path()).is_ok_and(|t| t == Path::new(socket));
+                if ours && e.file_name().to_string_lossy().starts_with("tenant-tty-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            built
+        } else {
+            builder
+                .with_stdin(dup(0)?)
+                .with_stdout(dup(1)?)
+                .with_stderr(dup(2)?)
+                .as_tenant()
+                .with_container_args(cmd)
+                .with_detach(true)
+                .build()
+        }
+        .map_err(|e| e.to_string())?;
         if let Some(ms) = f.get("timeout-ms").and_then(|v| v.parse::<u64>().ok()) {
             std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(ms));

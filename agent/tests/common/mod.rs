@@ -73,6 +73,13 @@ fn claim() -> u8 {
     panic!("no free test subnet in 10.244.1-200.0/24");
 }
 
+/// A TCP port free on every address right now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("0.0.0.0:0")?
+        .local_addr()?
+        .port())
+}
+
 pub struct Cluster {
     pub server: Option<control::Server>,
     pub dir: tempfile::TempDir,
@@ -132,6 +139,10 @@ impl Cluster {
         cfg.cni_bin_dirs = vec![bins.clone(), PathBuf::from("/usr/lib/cni")];
         cfg.node_status_interval = Duration::from_secs(1);
         cfg.pod_resync = Duration::from_millis(300);
+        // The API server reaches this agent's kubelet API at the port its Node reports.
+        cfg.kubelet_port = free_port()?;
+        let ca = fs::read(dir.path().join("control/pki/ca.crt"))?;
+        cfg.client_ca = agent::kubelet_api::pem_to_der(&ca);
         let c = Cluster {
             server: Some(server),
             dir,
@@ -162,6 +173,16 @@ impl Cluster {
             serde_json::to_vec(&conf)?,
         )?;
         Ok(c)
+    }
+
+    /// The admin kubeconfig of the API server.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.server.as_ref().expect("running").kubeconfig.clone()
+    }
+
+    /// The API server's PKI directory (ca.crt, kubelet-client.crt/.key, ...).
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("control/pki")
     }
 
     pub fn bridge(&self) -> String {
