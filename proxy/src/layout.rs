@@ -115,6 +115,14 @@ fn addr_in(field: Addr, set: &str) -> Match {
 
 /// The whole desired table for these Service ports.
 pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
+    let mut r = build_fixed(layout);
+    r.merge(build_services(layout, ports));
+    r
+}
+
+/// The table without any Service: base chains, fixed rules, the node's NodePort addresses and
+/// the empty shared sets and maps.
+pub fn build_fixed(layout: &Layout) -> Ruleset {
     let mut r = Ruleset::new(layout.table.clone());
     let c = &mut r.chains;
     use ChainType::{Filter, Nat};
@@ -241,11 +249,35 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
             Rule::new(vec![], Action::Reject),
         ]),
     );
-    let mut cluster_ips = Set::new(KeyType::Addr);
     let mut nodeport_ips = Set::new(KeyType::Addr);
     nodeport_ips
         .elements
         .extend(layout.nodeport_ips.iter().map(|ip| Key::Addr(*ip)));
+    r.sets.insert(NODEPORT_IPS.into(), nodeport_ips);
+    r.merge(shared(&layout.table));
+    r
+}
+
+/// The sets and maps every Service adds elements to, empty.
+fn shared(table: &str) -> Ruleset {
+    let mut r = Ruleset::new(table);
+    r.sets.insert(CLUSTER_IPS.into(), Set::new(KeyType::Addr));
+    for (name, key) in [
+        (SERVICE_IPS, KeyType::AddrProtoPort),
+        (SERVICE_NODEPORTS, KeyType::ProtoPort),
+        (NO_ENDPOINT_SERVICES, KeyType::AddrProtoPort),
+        (NO_ENDPOINT_NODEPORTS, KeyType::ProtoPort),
+    ] {
+        r.maps.insert(name.into(), Map::new(key));
+    }
+    r
+}
+
+/// The part of the table these Service ports own: their chains and affinity sets, and their
+/// elements of the shared sets and maps (which are present, maybe empty).
+pub fn build_services(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
+    let mut r = Ruleset::new(layout.table.clone());
+    let mut cluster_ips = Set::new(KeyType::Addr);
     let mut service_ips = Map::new(KeyType::AddrProtoPort);
     let mut service_nodeports = Map::new(KeyType::ProtoPort);
     let mut no_endpoint_services = Map::new(KeyType::AddrProtoPort);
@@ -368,7 +400,6 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
         }
     }
     r.sets.insert(CLUSTER_IPS.into(), cluster_ips);
-    r.sets.insert(NODEPORT_IPS.into(), nodeport_ips);
     r.maps.insert(SERVICE_IPS.into(), service_ips);
     r.maps.insert(SERVICE_NODEPORTS.into(), service_nodeports);
     r.maps

@@ -306,6 +306,27 @@ impl Ruleset {
         }
     }
 
+    /// Adds `other`'s chains and sets, and its elements to the sets and maps of the same name.
+    pub fn merge(&mut self, other: Ruleset) {
+        self.chains.extend(other.chains);
+        for (name, s) in other.sets {
+            match self.sets.get_mut(&name) {
+                Some(mine) => mine.elements.extend(s.elements),
+                None => {
+                    self.sets.insert(name, s);
+                }
+            }
+        }
+        for (name, m) in other.maps {
+            match self.maps.get_mut(&name) {
+                Some(mine) => mine.elements.extend(m.elements),
+                None => {
+                    self.maps.insert(name, m);
+                }
+            }
+        }
+    }
+
     /// The steps of one transaction that replaces whatever table of this name exists (or none)
     /// by this one, in dependency order.
     pub fn full_ops(&self) -> Vec<Op<'_>> {

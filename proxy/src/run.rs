@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::host::{self, NodePortAddresses};
-use crate::layout::{self, Layout};
+use crate::layout::Layout;
 use crate::metrics::{self, Metrics};
 use crate::sync::Syncer;
 use crate::Error;
@@ -194,7 +194,7 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
             eps.iter().map(AsRef::as_ref),
             &cfg.node_name,
         );
-        let retry = match syncer.sync(layout::build(&layout, &ports)).await {
+        let retry = match syncer.sync_ports(&layout, ports.clone()).await {
             Ok(kind) => {
                 tracing::debug!(?kind, service_ports = ports.len(), "sync done");
                 stats.synced(started, kind, syncer.written);

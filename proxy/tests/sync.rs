@@ -89,6 +89,10 @@ fn kernel_state(table: &str) -> BTreeMap<String, Value> {
 /// A varied state: one of three services gets affinity, one NodePort and external IPs with a
 /// Local policy, one has no endpoints.
 fn state_a(bed: &Bed) -> Ruleset {
+    layout::build(&layout(bed), &ports_a(bed))
+}
+
+fn ports_a(bed: &Bed) -> Vec<ServicePort> {
     let (b1, b2) = (bed.pods[0].ip, bed.pods[1].ip);
     let mut web = port(bed, "web", 1, &[(b1, true), (b2, false)]);
     web.node_port = Some(bed.node_port(1));
@@ -97,17 +101,21 @@ fn state_a(bed: &Bed) -> Ruleset {
     let mut sticky = port(bed, "sticky", 2, &[(b1, false), (b2, false)]);
     sticky.affinity_timeout = Some(30);
     let empty = port(bed, "empty", 3, &[]);
-    layout::build(&layout(bed), &[web, sticky, empty])
+    vec![web, sticky, empty]
 }
 
 /// state_a changed: web loses an endpoint, sticky is gone, empty gets one, a new one appears.
 fn state_b(bed: &Bed) -> Ruleset {
+    layout::build(&layout(bed), &ports_b(bed))
+}
+
+fn ports_b(bed: &Bed) -> Vec<ServicePort> {
     let (b1, b2) = (bed.pods[0].ip, bed.pods[1].ip);
     let mut web = port(bed, "web", 1, &[(b1, true)]);
     web.node_port = Some(bed.node_port(1));
     let empty = port(bed, "empty", 3, &[(b2, false)]);
     let new = port(bed, "new", 4, &[(b1, false), (b2, false)]);
-    layout::build(&layout(bed), &[web, empty, new])
+    vec![web, empty, new]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,6 +133,45 @@ async fn partial_syncs_leave_what_a_full_sync_would() -> Result<()> {
     assert_eq!(partial_b, kernel_state(&bed.table));
     assert!(partial_b.keys().any(|k| k.contains("default/new/")));
     assert!(!partial_b.keys().any(|k| k.contains("default/sticky/")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_service_syncs_leave_what_a_full_sync_would() -> Result<()> {
+    let bed = Bed::new(2).await?;
+    let lay = layout(&bed);
+    let mut syncer = Syncer::new();
+    assert_eq!(syncer.sync_ports(&lay, ports_a(&bed)).await?, Applied::Full);
+    let full_a = kernel_state(&bed.table);
+    assert_eq!(Syncer::new().sync(state_a(&bed)).await?, Applied::Full);
+    assert_eq!(kernel_state(&bed.table), full_a);
+    // The table is back to what `syncer` wrote; it goes on from there.
+    assert_eq!(
+        syncer.sync_ports(&lay, ports_a(&bed)).await?,
+        Applied::Unchanged
+    );
+    assert_eq!(
+        syncer.sync_ports(&lay, ports_b(&bed)).await?,
+        Applied::Partial
+    );
+    let partial_b = kernel_state(&bed.table);
+    assert_eq!(
+        syncer.sync_ports(&lay, ports_a(&bed)).await?,
+        Applied::Partial
+    );
+    assert_eq!(kernel_state(&bed.table), full_a);
+    assert_eq!(Syncer::new().sync(state_b(&bed)).await?, Applied::Full);
+    assert_eq!(partial_b, kernel_state(&bed.table));
+    // Refused (an element it deletes is gone): retried in full.
+    let mut syncer = Syncer::new();
+    syncer.sync_ports(&lay, ports_a(&bed)).await?;
+    sh_ok(&format!(
+        "nft delete element ip {} service-ips '{{ {} . tcp . 80 }}'",
+        bed.table,
+        bed.service_ip(2)
+    ));
+    assert_eq!(syncer.sync_ports(&lay, ports_b(&bed)).await?, Applied::Full);
+    assert_eq!(partial_b, kernel_state(&bed.table));
     Ok(())
 }
 
