@@ -775,3 +775,59 @@ pub fn apply(table: &str, ops: &[Op<'_>], group_elements: bool) -> Result<(), Er
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ruleset::{Map, Ruleset};
+
+    /// (type, flags) of each message of a batch.
+    fn frames(b: &Batch) -> Vec<(u16, u16)> {
+        let mut out = vec![];
+        let mut at = 0;
+        while at < b.buf.len() {
+            let len = u32::from_ne_bytes(b.buf[at..at + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(b.buf[at + 4..at + 6].try_into().unwrap());
+            let flags = u16::from_ne_bytes(b.buf[at + 6..at + 8].try_into().unwrap());
+            out.push((kind, flags));
+            assert_eq!(len % 4, 0);
+            at += len;
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_runs_from_begin_to_end_and_asks_one_acknowledgement() {
+        let mut r = Ruleset::new("t");
+        let mut m = Map::new(KeyType::ProtoPort);
+        for port in 0..300u16 {
+            m.elements
+                .insert(Key::ProtoPort(Protocol::Tcp, port), Verdict::Drop);
+        }
+        r.maps.insert("m".into(), m);
+        let ops = r.full_ops();
+        let grouped = encode("t", &ops, true);
+        let f = frames(&grouped);
+        let nft = |m: u16| (NFNL_SUBSYS_NFTABLES << 8) | m;
+        let kinds: Vec<u16> = f.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                NFNL_MSG_BATCH_BEGIN,
+                nft(NFT_MSG_NEWTABLE),
+                nft(NFT_MSG_DELTABLE),
+                nft(NFT_MSG_NEWTABLE),
+                nft(NFT_MSG_NEWSET),
+                // 300 elements: 256 in one message, 44 in the next.
+                nft(NFT_MSG_NEWSETELEM),
+                nft(NFT_MSG_NEWSETELEM),
+                NFNL_MSG_BATCH_END,
+            ]
+        );
+        let acks: Vec<usize> = (0..f.len()).filter(|i| f[*i].1 & NLM_F_ACK != 0).collect();
+        assert_eq!(acks, vec![f.len() - 2]);
+        assert_eq!(grouped.steps[5], 260..304);
+        // One element per message otherwise, so that a refusal names it.
+        assert_eq!(encode("t", &ops, false).messages(), ops.len());
+    }
+}
