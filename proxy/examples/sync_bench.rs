@@ -136,6 +136,7 @@ fn lay(table: &str) -> Layout {
 }
 
 struct Row {
+    unchanged: Duration,
     full: Duration,
     change: Duration,
     change_with_build: Duration,
@@ -160,6 +161,14 @@ async fn oxlet(n: usize, backend: Backend, table: &str) -> Row {
         assert_eq!(s.sync_ports(&l, p).await.unwrap(), Applied::Partial);
         changes.push(t0.elapsed());
     }
+    // The same ports again: what a sync costs this process when nothing changed.
+    let mut same = vec![];
+    for _ in 0..CHANGES {
+        let p = ports(n, CHANGES);
+        let t0 = Instant::now();
+        assert_eq!(s.sync_ports(&l, p).await.unwrap(), Applied::Unchanged);
+        same.push(t0.elapsed());
+    }
     let mut whole = Syncer::with_backend(backend);
     whole.sync(layout::build(&l, &ports(n, 0))).await.unwrap();
     let mut with_build = vec![];
@@ -175,6 +184,7 @@ async fn oxlet(n: usize, backend: Backend, table: &str) -> Row {
         full,
         change: median(changes),
         change_with_build: median(with_build),
+        unchanged: median(same),
     }
 }
 
@@ -203,6 +213,7 @@ async fn upstream_nft(n: usize, table: &str) -> Row {
         full,
         change,
         change_with_build: change,
+        unchanged: Duration::ZERO,
     }
 }
 
@@ -232,14 +243,14 @@ async fn main() {
         .unwrap();
         return;
     }
-    println!("| services | oxlet full (netlink) | upstream full (nft -f) | ratio | oxlet 1 change (netlink) | upstream 1 change (nft -f) | ratio | oxlet 1 change, whole table rebuilt and diffed | oxlet through nft -f: full / 1 change |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| services | oxlet full (netlink) | upstream full (nft -f) | ratio | oxlet 1 change (netlink) | upstream 1 change (nft -f) | ratio | oxlet 1 change, whole table rebuilt and diffed | oxlet through nft -f: full / 1 change | oxlet sync without change |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let o = oxlet(n, Backend::Netlink, &format!("oxlet-proxy-bench-o{pid}")).await;
         let t = oxlet(n, Backend::Nft, &format!("oxlet-proxy-bench-t{pid}")).await;
         let u = upstream_nft(n, &format!("oxlet-proxy-bench-u{pid}")).await;
         println!(
-            "| {n} | {} | {} | {:.1}x | {} | {} | {:.1}x | {} | {} / {} |",
+            "| {n} | {} | {} | {:.1}x | {} | {} | {:.1}x | {} | {} / {} | {} |",
             ms(o.full),
             ms(u.full),
             u.full.as_secs_f64() / o.full.as_secs_f64(),
@@ -249,6 +260,7 @@ async fn main() {
             ms(o.change_with_build),
             ms(t.full),
             ms(t.change),
+            ms(o.unchanged),
         );
     }
 }
