@@ -23,12 +23,28 @@ pub struct ProxyArgs {
     /// This node's name (default: the host name).
     #[arg(long)]
     hostname_override: Option<String>,
+    /// Where /metrics (Prometheus text) is served; empty: nowhere.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+    /// Where /healthz is served; empty: nowhere.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
     /// Remove the proxy's nftables table and exit.
     #[arg(long)]
     cleanup: bool,
     /// The nftables table (family ip) to own.
     #[arg(long, default_value = "oxlet-proxy", hide = true)]
     table: String,
+}
+
+/// `ip:port`, or empty for none.
+fn bind_address(s: &str) -> Result<Option<std::net::SocketAddr>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(s.parse().with_context(|| {
+        format!("{s:?} is not an address:port such as 127.0.0.1:10249")
+    })?))
 }
 
 pub fn run(args: ProxyArgs) -> Result<()> {
@@ -50,6 +66,10 @@ pub fn run(args: ProxyArgs) -> Result<()> {
         cfg.service_cidr = args.service_cidr.parse().context("--service-cidr")?;
         cfg.cluster_cidr = args.cluster_cidr.parse().context("--cluster-cidr")?;
         cfg.nodeport_addresses = args.nodeport_addresses.parse()?;
+        cfg.metrics_bind_address =
+            bind_address(&args.metrics_bind_address).context("--metrics-bind-address")?;
+        cfg.healthz_bind_address =
+            bind_address(&args.healthz_bind_address).context("--healthz-bind-address")?;
         let kubeconfig = args.kubeconfig.expect("clap requires it without --cleanup");
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig)
             .with_context(|| format!("reading {}", kubeconfig.display()))?;

@@ -68,6 +68,12 @@ async fn proxy_programs_the_table_leaves_it_on_exit_and_cleanup_removes_it() {
         child: None,
         table: table.clone(),
     };
+    // Free ports for /metrics and /healthz: the defaults belong to the machine's own proxy.
+    let free = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (metrics, healthz) = (free(), free());
     let child = oxlet()
         .args(["proxy", "--kubeconfig"])
         .arg(&server.kubeconfig)
@@ -75,6 +81,8 @@ async fn proxy_programs_the_table_leaves_it_on_exit_and_cleanup_removes_it() {
         .args(["--service-cidr", &format!("10.111.{}.0/28", r % 256)])
         .args(["--nodeport-addresses", "127.0.0.0/8"])
         .args(["--hostname-override", "node-a"])
+        .args(["--metrics-bind-address", &metrics.to_string()])
+        .args(["--healthz-bind-address", &healthz.to_string()])
         .stdin(Stdio::null())
         .spawn()
         .expect("oxlet proxy starts");
@@ -91,6 +99,17 @@ async fn proxy_programs_the_table_leaves_it_on_exit_and_cleanup_removes_it() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(http_get(healthz, "/healthz").starts_with("HTTP/1.1 200"));
+    // The sync is counted just after the kernel took it.
+    let t0 = Instant::now();
+    loop {
+        let text = http_get(metrics, "/metrics");
+        if text.contains("\nkubeproxy_sync_full_proxy_rules_total 1\n") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // SIGTERM: a clean exit that leaves the rules in place.
     // SAFETY: pid is our own child, not yet waited for.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -105,6 +124,20 @@ async fn proxy_programs_the_table_leaves_it_on_exit_and_cleanup_removes_it() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(table_text(&table), "");
     server.stop();
+}
+
+/// The whole HTTP answer to GET `path`.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 fn rand_u16() -> u16 {

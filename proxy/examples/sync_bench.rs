@@ -1,6 +1,7 @@
-//! Times the proxy's nftables syncs at scale against upstream kube-proxy's layout (one anonymous
-//! `numgen ... vmap` per service), both applied with `nft -f`: N services x 2 endpoints, a full
-//! sync into an empty table, then one changed service as a partial sync.
+//! Times the proxy's syncs at scale through nf_tables netlink, side by side with upstream
+//! kube-proxy's nftables layout (one anonymous `numgen ... vmap` per service) applied with
+//! `nft -f`: N services x 2 endpoints, a full sync into an empty table, then one changed
+//! service as a partial sync (median of several changes).
 //!
 //!     cargo run --release -p oxlet-proxy --example sync_bench -- 1000 5000 10000
 //!
@@ -15,14 +16,16 @@ use std::time::{Duration, Instant};
 
 use proxy::layout::{self, Layout};
 use proxy::model::{Endpoint, Protocol, ServicePort, ServicePortName};
-use proxy::ruleset::Ruleset;
-use proxy::sync::{Applied, Syncer};
+use proxy::sync::{Applied, Backend, Syncer};
 
-fn ports(n: usize, changed: bool) -> Vec<ServicePort> {
+/// Changes timed per size; the median is printed.
+const CHANGES: u16 = 7;
+
+fn ports(n: usize, change: u16) -> Vec<ServicePort> {
     (0..n)
         .map(|i| {
             let (hi, lo) = ((i / 256) as u8, (i % 256) as u8);
-            let second = if changed && i == 0 { 99 } else { 2 };
+            let second = if i == 0 { 2 + change } else { 2 };
             ServicePort {
                 id: ServicePortName {
                     namespace: "bench".into(),
@@ -50,44 +53,168 @@ fn ports(n: usize, changed: bool) -> Vec<ServicePort> {
         .collect()
 }
 
-/// The same state with upstream's load balancing: one anonymous verdict map per service chain.
-fn upstream(r: &Ruleset) -> Ruleset {
-    let mut r = r.clone();
-    for (name, chain) in r.chains.iter_mut() {
-        if !name.starts_with("service-") || !name.contains('/') {
-            continue;
+/// Rewrites oxlet's nft text into upstream's load balancing: the `numgen ... goto` and final
+/// `goto` rules of each service chain become one `numgen random mod N vmap { ... }` rule.
+/// Works on both the block syntax of a full load and the commands of a diff.
+fn upstream(text: &str) -> String {
+    let mut out = String::new();
+    let mut targets: Vec<String> = vec![];
+    let mut prefix = String::new();
+    let flush = |out: &mut String, prefix: &str, targets: &mut Vec<String>| {
+        if targets.is_empty() {
+            return;
         }
-        let mut targets = vec![];
-        chain.rules.retain(|rule| match rule.split_once("goto ") {
-            Some((head, t)) if head.is_empty() || head.starts_with("numgen") => {
-                targets.push(t.to_string());
-                false
-            }
-            _ => true,
-        });
         let elems: Vec<String> = targets
             .iter()
             .enumerate()
             .map(|(k, t)| format!("{k} : goto {t}"))
             .collect();
-        chain.rules.push(format!(
-            "numgen random mod {} vmap {{ {} }}",
+        out.push_str(&format!(
+            "{prefix}numgen random mod {} vmap {{ {} }}\n",
             targets.len(),
             elems.join(", ")
         ));
+        targets.clear();
+    };
+    let mut in_service_block = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("chain ") {
+            in_service_block = trimmed.starts_with("chain service-") && trimmed.contains('/');
+        }
+        // Block syntax: "\t\tnumgen ... goto X" inside a service chain; commands:
+        // "add rule ip T service-.../... numgen ... goto X".
+        let (head, rest) = match line.split_once(" service-") {
+            Some((h, r)) if h.starts_with("add rule ") => {
+                let (chain, stmt) = r.split_once(' ').unwrap_or((r, ""));
+                (format!("{h} service-{chain} "), stmt.to_string())
+            }
+            _ if in_service_block => (String::from("\t\t"), trimmed.to_string()),
+            _ => (String::new(), String::new()),
+        };
+        let pick = rest
+            .strip_prefix("goto ")
+            .or_else(|| rest.split_once(" == 0 goto ").map(|(_, t)| t))
+            .filter(|_| {
+                !head.is_empty() && (rest.starts_with("goto ") || rest.starts_with("numgen"))
+            });
+        match pick {
+            Some(t) => {
+                if prefix != head {
+                    flush(&mut out, &prefix, &mut targets);
+                    prefix = head;
+                }
+                targets.push(t.to_string());
+            }
+            None => {
+                flush(&mut out, &prefix, &mut targets);
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
     }
-    r
-}
-
-async fn time_sync(s: &mut Syncer, r: Ruleset, want: Applied) -> Duration {
-    let t0 = Instant::now();
-    let got = s.sync(r).await.expect("nft applies");
-    assert_eq!(got, want);
-    t0.elapsed()
+    flush(&mut out, &prefix, &mut targets);
+    out
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn lay(table: &str) -> Layout {
+    Layout {
+        table: table.into(),
+        service_cidr: "10.100.0.0/16".parse().unwrap(),
+        cluster_cidr: "10.101.0.0/16".parse().unwrap(),
+        nodeport_ips: vec![],
+    }
+}
+
+struct Row {
+    unchanged: Duration,
+    full: Duration,
+    change: Duration,
+    change_with_build: Duration,
+}
+
+/// oxlet's layout through `backend`: the full sync, then CHANGES one-service changes, each
+/// timed from handing the Service ports to the syncer (which builds and diffs only the changed
+/// Service) to the kernel's answer; and the same changes with the whole table rebuilt and
+/// diffed, as a sync of a whole desired `Ruleset` does.
+async fn oxlet(n: usize, backend: Backend, table: &str) -> Row {
+    proxy::cleanup(table).await.unwrap();
+    let l = lay(table);
+    let mut s = Syncer::with_backend(backend);
+    let a = ports(n, 0);
+    let t0 = Instant::now();
+    assert_eq!(s.sync_ports(&l, a).await.unwrap(), Applied::Full);
+    let full = t0.elapsed();
+    let mut changes = vec![];
+    for c in 1..=CHANGES {
+        let p = ports(n, c);
+        let t0 = Instant::now();
+        assert_eq!(s.sync_ports(&l, p).await.unwrap(), Applied::Partial);
+        changes.push(t0.elapsed());
+    }
+    // The same ports again: what a sync costs this process when nothing changed.
+    let mut same = vec![];
+    for _ in 0..CHANGES {
+        let p = ports(n, CHANGES);
+        let t0 = Instant::now();
+        assert_eq!(s.sync_ports(&l, p).await.unwrap(), Applied::Unchanged);
+        same.push(t0.elapsed());
+    }
+    let mut whole = Syncer::with_backend(backend);
+    whole.sync(layout::build(&l, &ports(n, 0))).await.unwrap();
+    let mut with_build = vec![];
+    for c in 1..=CHANGES {
+        let p = ports(n, c);
+        let t0 = Instant::now();
+        let b = layout::build(&l, &p);
+        assert_eq!(whole.sync(b).await.unwrap(), Applied::Partial);
+        with_build.push(t0.elapsed());
+    }
+    proxy::cleanup(table).await.unwrap();
+    Row {
+        full,
+        change: median(changes),
+        change_with_build: median(with_build),
+        unchanged: median(same),
+    }
+}
+
+/// Upstream's layout through `nft -f`: full load, then the same changes as text diffs.
+async fn upstream_nft(n: usize, table: &str) -> Row {
+    proxy::cleanup(table).await.unwrap();
+    let l = lay(table);
+    let a = layout::build(&l, &ports(n, 0));
+    let text = upstream(&a.render_full());
+    let t0 = Instant::now();
+    proxy::sync::apply(&text).await.unwrap();
+    let full = t0.elapsed();
+    let mut changes = vec![];
+    let mut old = a;
+    for c in 1..=CHANGES {
+        let b = layout::build(&l, &ports(n, c));
+        let diff = upstream(&b.render_diff(&old).unwrap());
+        let t0 = Instant::now();
+        proxy::sync::apply(&diff).await.unwrap();
+        changes.push(t0.elapsed());
+        old = b;
+    }
+    proxy::cleanup(table).await.unwrap();
+    let change = median(changes);
+    Row {
+        full,
+        change,
+        change_with_build: change,
+        unchanged: Duration::ZERO,
+    }
 }
 
 #[tokio::main]
@@ -103,56 +230,37 @@ async fn main() {
     };
     let pid = std::process::id();
     if let Ok(path) = std::env::var("EMIT") {
-        let lay = Layout {
-            table: "oxlet-proxy-bench-emit".into(),
-            service_cidr: "10.100.0.0/16".parse().unwrap(),
-            cluster_cidr: "10.101.0.0/16".parse().unwrap(),
-            nodeport_ips: vec![],
-        };
-        let a = layout::build(&lay, &ports(sizes[0], false));
-        let b = layout::build(&lay, &ports(sizes[0], true));
+        let l = lay("oxlet-proxy-bench-emit");
+        let a = layout::build(&l, &ports(sizes[0], 0));
+        let b = layout::build(&l, &ports(sizes[0], 1));
         std::fs::write(format!("{path}.full"), a.render_full()).unwrap();
         std::fs::write(format!("{path}.diff"), b.render_diff(&a).unwrap()).unwrap();
+        std::fs::write(format!("{path}.upstream.full"), upstream(&a.render_full())).unwrap();
+        std::fs::write(
+            format!("{path}.upstream.diff"),
+            upstream(&b.render_diff(&a).unwrap()),
+        )
+        .unwrap();
         return;
     }
-    println!("| services | oxlet full | upstream full | ratio | oxlet 1 change | upstream 1 change | ratio | build+render (oxlet, N) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| services | oxlet full (netlink) | upstream full (nft -f) | ratio | oxlet 1 change (netlink) | upstream 1 change (nft -f) | ratio | oxlet 1 change, whole table rebuilt and diffed | oxlet through nft -f: full / 1 change | oxlet sync without change |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
-        let mut times = vec![];
-        for (which, table) in [("oxlet", "o"), ("upstream", "u")] {
-            let table = format!("oxlet-proxy-bench-{table}{pid}");
-            let lay = Layout {
-                table: table.clone(),
-                service_cidr: "10.100.0.0/16".parse().unwrap(),
-                cluster_cidr: "10.101.0.0/16".parse().unwrap(),
-                nodeport_ips: vec![],
-            };
-            proxy::cleanup(&table).await.unwrap();
-            let t0 = Instant::now();
-            let mut a = layout::build(&lay, &ports(n, false));
-            let _ = a.render_full();
-            let build = t0.elapsed();
-            let mut b = layout::build(&lay, &ports(n, true));
-            if which == "upstream" {
-                a = upstream(&a);
-                b = upstream(&b);
-            }
-            let mut s = Syncer::new();
-            let full = time_sync(&mut s, a, Applied::Full).await;
-            let change = time_sync(&mut s, b, Applied::Partial).await;
-            proxy::cleanup(&table).await.unwrap();
-            times.push((full, change, build));
-        }
-        let (o, u) = (times[0], times[1]);
+        let o = oxlet(n, Backend::Netlink, &format!("oxlet-proxy-bench-o{pid}")).await;
+        let t = oxlet(n, Backend::Nft, &format!("oxlet-proxy-bench-t{pid}")).await;
+        let u = upstream_nft(n, &format!("oxlet-proxy-bench-u{pid}")).await;
         println!(
-            "| {n} | {} | {} | {:.2}x | {} | {} | {:.2}x | {} |",
-            ms(o.0),
-            ms(u.0),
-            u.0.as_secs_f64() / o.0.as_secs_f64(),
-            ms(o.1),
-            ms(u.1),
-            u.1.as_secs_f64() / o.1.as_secs_f64(),
-            ms(o.2)
+            "| {n} | {} | {} | {:.1}x | {} | {} | {:.1}x | {} | {} / {} | {} |",
+            ms(o.full),
+            ms(u.full),
+            u.full.as_secs_f64() / o.full.as_secs_f64(),
+            ms(o.change),
+            ms(u.change),
+            u.change.as_secs_f64() / o.change.as_secs_f64(),
+            ms(o.change_with_build),
+            ms(t.full),
+            ms(t.change),
+            ms(o.unchanged),
         );
     }
 }

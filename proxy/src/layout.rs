@@ -7,8 +7,11 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use sha2::{Digest, Sha256};
 
-use crate::model::{Endpoint, ServicePort, ServicePortName};
-use crate::ruleset::{BaseChain, Chain, ChainType, Hook, Map, Ruleset, Set};
+use crate::model::{Endpoint, Protocol, ServicePort, ServicePortName};
+use crate::ruleset::{
+    Action, Addr, BaseChain, Chain, ChainType, Hook, Key, KeyType, Map, Match, Rule, Ruleset, Set,
+    Verdict,
+};
 
 /// The packet mark bit that asks `nat-postrouting` to masquerade (as kube-proxy's).
 pub const MASQUERADE_MARK: u32 = 0x4000;
@@ -34,9 +37,6 @@ const CLUSTER_IPS: &str = "cluster-ips";
 const NODEPORT_IPS: &str = "nodeport-ips";
 const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 const REJECT_CHAIN: &str = "reject-chain";
-
-const ADDR_PROTO_PORT: &str = "ipv4_addr . inet_proto . inet_service";
-const PROTO_PORT: &str = "inet_proto . inet_service";
 
 /// The first 8 hex digits of SHA-256: keeps names distinct whatever the readable part holds.
 fn hash(s: &str) -> String {
@@ -71,36 +71,71 @@ fn affinity_set(id: &ServicePortName, ep: &Endpoint) -> String {
     named("affinity", &endpoint_id(id, ep))
 }
 
-fn base(kind: ChainType, hook: Hook, priority: &'static str, rules: &[&str]) -> Chain {
+fn base(kind: ChainType, hook: Hook, priority: &'static str, rules: Vec<Rule>) -> Chain {
     Chain {
         base: Some(BaseChain {
             kind,
             hook,
             priority,
         }),
-        rules: rules.iter().map(|r| r.to_string()).collect(),
+        rules,
     }
 }
 
-fn regular(rules: Vec<String>) -> Chain {
+fn regular(rules: Vec<Rule>) -> Chain {
     Chain { base: None, rules }
+}
+
+fn jump(matches: Vec<Match>, chain: &str) -> Rule {
+    Rule::verdict(matches, Verdict::Jump(chain.into()))
+}
+
+fn goto(matches: Vec<Match>, chain: &str) -> Rule {
+    Rule::verdict(matches, Verdict::Goto(chain.into()))
+}
+
+fn addr(field: Addr, net: Ipv4Net) -> Match {
+    Match::Addr {
+        field,
+        negate: false,
+        net,
+    }
+}
+
+fn host(field: Addr, ip: Ipv4Addr) -> Match {
+    addr(field, Ipv4Net::from(ip))
+}
+
+fn addr_in(field: Addr, set: &str) -> Match {
+    Match::AddrIn {
+        field,
+        set: set.into(),
+    }
 }
 
 /// The whole desired table for these Service ports.
 pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
+    let mut r = build_fixed(layout);
+    r.merge(build_services(layout, ports));
+    r
+}
+
+/// The table without any Service: base chains, fixed rules, the node's NodePort addresses and
+/// the empty shared sets and maps.
+pub fn build_fixed(layout: &Layout) -> Ruleset {
     let mut r = Ruleset::new(layout.table.clone());
     let c = &mut r.chains;
     use ChainType::{Filter, Nat};
-    let new_check = |chain: &str| format!("ct state new jump {chain}");
+    let new_check = |chain: &str| jump(vec![Match::CtStateNew], chain);
     c.insert(
         "filter-input".into(),
         base(
             Filter,
             Hook::Input,
             "-110",
-            &[
-                &new_check("nodeport-endpoints-check"),
-                &new_check("service-endpoints-check"),
+            vec![
+                new_check("nodeport-endpoints-check"),
+                new_check("service-endpoints-check"),
             ],
         ),
     );
@@ -110,9 +145,9 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
             Filter,
             Hook::Forward,
             "-110",
-            &[
-                &new_check("service-endpoints-check"),
-                &new_check("cluster-ips-check"),
+            vec![
+                new_check("service-endpoints-check"),
+                new_check("cluster-ips-check"),
             ],
         ),
     );
@@ -122,7 +157,7 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
             Filter,
             Hook::Output,
             "-110",
-            &[&new_check("service-endpoints-check")],
+            vec![new_check("service-endpoints-check")],
         ),
     );
     // After DNAT: what still goes to the service CIDR matched no Service port.
@@ -132,90 +167,133 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
             Filter,
             Hook::Output,
             "-90",
-            &[&new_check("cluster-ips-check")],
+            vec![new_check("cluster-ips-check")],
         ),
     );
     c.insert(
         "nat-prerouting".into(),
-        base(Nat, Hook::Prerouting, "dstnat", &["jump services"]),
+        base(
+            Nat,
+            Hook::Prerouting,
+            "dstnat",
+            vec![jump(vec![], "services")],
+        ),
     );
     c.insert(
         "nat-output".into(),
         // nft 1.0.6 names `dstnat` for prerouting only; -100 is its value.
-        base(Nat, Hook::Output, "-100", &["jump services"]),
+        base(Nat, Hook::Output, "-100", vec![jump(vec![], "services")]),
     );
     c.insert(
         "nat-postrouting".into(),
-        base(Nat, Hook::Postrouting, "srcnat", &["jump masquerading"]),
+        base(
+            Nat,
+            Hook::Postrouting,
+            "srcnat",
+            vec![jump(vec![], "masquerading")],
+        ),
     );
     c.insert(
         "services".into(),
         regular(vec![
-            format!("ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}"),
-            format!("ip daddr @{NODEPORT_IPS} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}"),
+            Rule::new(
+                vec![],
+                Action::Vmap(KeyType::AddrProtoPort, SERVICE_IPS.into()),
+            ),
+            Rule::new(
+                vec![addr_in(Addr::Daddr, NODEPORT_IPS)],
+                Action::Vmap(KeyType::ProtoPort, SERVICE_NODEPORTS.into()),
+            ),
         ]),
     );
     c.insert(
         "service-endpoints-check".into(),
-        regular(vec![format!(
-            "ip daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}"
+        regular(vec![Rule::new(
+            vec![],
+            Action::Vmap(KeyType::AddrProtoPort, NO_ENDPOINT_SERVICES.into()),
         )]),
     );
     c.insert(
         "nodeport-endpoints-check".into(),
-        regular(vec![format!(
-            "ip daddr @{NODEPORT_IPS} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}"
+        regular(vec![Rule::new(
+            vec![addr_in(Addr::Daddr, NODEPORT_IPS)],
+            Action::Vmap(KeyType::ProtoPort, NO_ENDPOINT_NODEPORTS.into()),
         )]),
     );
     c.insert(
         "cluster-ips-check".into(),
         regular(vec![
-            format!("ip daddr @{CLUSTER_IPS} goto {REJECT_CHAIN}"),
-            format!("ip daddr {} drop", layout.service_cidr.trunc()),
+            goto(vec![addr_in(Addr::Daddr, CLUSTER_IPS)], REJECT_CHAIN),
+            Rule::verdict(
+                vec![addr(Addr::Daddr, layout.service_cidr.trunc())],
+                Verdict::Drop,
+            ),
         ]),
     );
     c.insert(
         MARK_FOR_MASQUERADE.into(),
-        regular(vec![format!(
-            "meta mark set meta mark | {MASQUERADE_MARK:#x}"
-        )]),
+        regular(vec![Rule::new(vec![], Action::MarkOr(MASQUERADE_MARK))]),
     );
     c.insert(
         "masquerading".into(),
         regular(vec![
-            format!("meta mark & {MASQUERADE_MARK:#x} == 0 return"),
-            format!("meta mark set meta mark ^ {MASQUERADE_MARK:#x}"),
-            "masquerade fully-random".into(),
+            Rule::verdict(vec![Match::MarkClear(MASQUERADE_MARK)], Verdict::Return),
+            Rule::new(vec![], Action::MarkXor(MASQUERADE_MARK)),
+            Rule::new(vec![], Action::MasqueradeFullyRandom),
         ]),
     );
     c.insert(
         REJECT_CHAIN.into(),
         regular(vec![
-            "meta l4proto tcp reject with tcp reset".into(),
-            "reject".into(),
+            Rule::new(vec![Match::L4Proto(Protocol::Tcp)], Action::RejectTcpReset),
+            Rule::new(vec![], Action::Reject),
         ]),
     );
-    let mut cluster_ips = Set::new("ipv4_addr");
-    let mut nodeport_ips = Set::new("ipv4_addr");
+    let mut nodeport_ips = Set::new(KeyType::Addr);
     nodeport_ips
         .elements
-        .extend(layout.nodeport_ips.iter().map(Ipv4Addr::to_string));
-    let mut service_ips = Map::new(ADDR_PROTO_PORT);
-    let mut service_nodeports = Map::new(PROTO_PORT);
-    let mut no_endpoint_services = Map::new(ADDR_PROTO_PORT);
-    let mut no_endpoint_nodeports = Map::new(PROTO_PORT);
+        .extend(layout.nodeport_ips.iter().map(|ip| Key::Addr(*ip)));
+    r.sets.insert(NODEPORT_IPS.into(), nodeport_ips);
+    r.merge(shared(&layout.table));
+    r
+}
+
+/// The sets and maps every Service adds elements to, empty.
+fn shared(table: &str) -> Ruleset {
+    let mut r = Ruleset::new(table);
+    r.sets.insert(CLUSTER_IPS.into(), Set::new(KeyType::Addr));
+    for (name, key) in [
+        (SERVICE_IPS, KeyType::AddrProtoPort),
+        (SERVICE_NODEPORTS, KeyType::ProtoPort),
+        (NO_ENDPOINT_SERVICES, KeyType::AddrProtoPort),
+        (NO_ENDPOINT_NODEPORTS, KeyType::ProtoPort),
+    ] {
+        r.maps.insert(name.into(), Map::new(key));
+    }
+    r
+}
+
+/// The part of the table these Service ports own: their chains and affinity sets, and their
+/// elements of the shared sets and maps (which are present, maybe empty).
+pub fn build_services(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
+    let mut r = Ruleset::new(layout.table.clone());
+    let mut cluster_ips = Set::new(KeyType::Addr);
+    let mut service_ips = Map::new(KeyType::AddrProtoPort);
+    let mut service_nodeports = Map::new(KeyType::ProtoPort);
+    let mut no_endpoint_services = Map::new(KeyType::AddrProtoPort);
+    let mut no_endpoint_nodeports = Map::new(KeyType::ProtoPort);
 
     for sp in ports {
-        cluster_ips.elements.insert(sp.cluster_ip.to_string());
-        let proto = sp.id.protocol.nft();
-        let cluster_key = format!("{} . {proto} . {}", sp.cluster_ip, sp.port);
-        let external_keys: Vec<String> = sp
+        cluster_ips.elements.insert(Key::Addr(sp.cluster_ip));
+        let proto = sp.id.protocol;
+        let cluster_key = Key::AddrProtoPort(sp.cluster_ip, proto, sp.port);
+        let external_keys: Vec<Key> = sp
             .external_ips
             .iter()
-            .map(|ip| format!("{ip} . {proto} . {}", sp.port))
+            .map(|ip| Key::AddrProtoPort(*ip, proto, sp.port))
             .collect();
-        let nodeport_key = sp.node_port.map(|np| format!("{proto} . {np}"));
-        let reject = format!("goto {REJECT_CHAIN}");
+        let nodeport_key = sp.node_port.map(|np| Key::ProtoPort(proto, np));
+        let reject = Verdict::Goto(REJECT_CHAIN.into());
         if sp.endpoints.is_empty() {
             no_endpoint_services
                 .elements
@@ -230,11 +308,17 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
         }
         let local: Vec<&Endpoint> = sp.endpoints.iter().filter(|e| e.local).collect();
         let all: Vec<&Endpoint> = sp.endpoints.iter().collect();
-        let masq_outside = format!(
-            "ip daddr {} {proto} dport {} ip saddr != {} jump {MARK_FOR_MASQUERADE}",
-            sp.cluster_ip,
-            sp.port,
-            layout.cluster_cidr.trunc()
+        let masq_outside = jump(
+            vec![
+                host(Addr::Daddr, sp.cluster_ip),
+                Match::Dport(proto, sp.port),
+                Match::Addr {
+                    field: Addr::Saddr,
+                    negate: true,
+                    net: layout.cluster_cidr.trunc(),
+                },
+            ],
+            MARK_FOR_MASQUERADE,
         );
         let svc_chain = service_chain(&sp.id);
         let loc_chain = local_chain(&sp.id);
@@ -248,18 +332,17 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
             r.chains.insert(loc_chain.clone(), regular(rules));
         }
         for ep in &all {
-            let mut rules = vec![format!("ip saddr {} jump {MARK_FOR_MASQUERADE}", ep.ip)];
+            let mut rules = vec![jump(vec![host(Addr::Saddr, ep.ip)], MARK_FOR_MASQUERADE)];
             if let Some(timeout) = sp.affinity_timeout {
                 let set = affinity_set(&sp.id, ep);
-                rules.push(format!("update @{set} {{ ip saddr }}"));
-                let mut s = Set::new("ipv4_addr");
-                s.flags = Some("dynamic,timeout");
+                rules.push(Rule::new(vec![], Action::UpdateSaddr(set.clone())));
+                let mut s = Set::new(KeyType::Addr);
                 s.timeout = Some(timeout);
                 r.sets.insert(set, s);
             }
-            rules.push(format!(
-                "meta l4proto {proto} dnat to {}:{}",
-                ep.ip, ep.port
+            rules.push(Rule::new(
+                vec![Match::L4Proto(proto)],
+                Action::Dnat(ep.ip, ep.port),
             ));
             r.chains.insert(endpoint_chain(&sp.id, ep), regular(rules));
         }
@@ -267,25 +350,25 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
         if !sp.internal_local {
             service_ips
                 .elements
-                .insert(cluster_key, format!("goto {svc_chain}"));
+                .insert(cluster_key, Verdict::Goto(svc_chain.clone()));
         } else if !local.is_empty() {
             service_ips
                 .elements
-                .insert(cluster_key, format!("goto {loc_chain}"));
+                .insert(cluster_key, Verdict::Goto(loc_chain.clone()));
         } else {
             no_endpoint_services
                 .elements
-                .insert(cluster_key, "drop".into());
+                .insert(cluster_key, Verdict::Drop);
         }
         if external_keys.is_empty() && nodeport_key.is_none() {
             continue;
         }
         if sp.external_local && local.is_empty() {
             for k in external_keys {
-                no_endpoint_services.elements.insert(k, "drop".into());
+                no_endpoint_services.elements.insert(k, Verdict::Drop);
             }
             if let Some(k) = nodeport_key {
-                no_endpoint_nodeports.elements.insert(k, "drop".into());
+                no_endpoint_nodeports.elements.insert(k, Verdict::Drop);
             }
             continue;
         }
@@ -293,29 +376,30 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
         let rules = if sp.external_local {
             // Pods and the node itself still reach every endpoint; the rest keep their source.
             vec![
-                format!("ip saddr {} goto {svc_chain}", layout.cluster_cidr.trunc()),
-                format!("fib saddr type local jump {MARK_FOR_MASQUERADE}"),
-                format!("fib saddr type local goto {svc_chain}"),
-                format!("goto {loc_chain}"),
+                goto(
+                    vec![addr(Addr::Saddr, layout.cluster_cidr.trunc())],
+                    &svc_chain,
+                ),
+                jump(vec![Match::FibSaddrLocal], MARK_FOR_MASQUERADE),
+                goto(vec![Match::FibSaddrLocal], &svc_chain),
+                goto(vec![], &loc_chain),
             ]
         } else {
-            vec![
-                format!("jump {MARK_FOR_MASQUERADE}"),
-                format!("goto {svc_chain}"),
-            ]
+            vec![jump(vec![], MARK_FOR_MASQUERADE), goto(vec![], &svc_chain)]
         };
         r.chains.insert(ext_chain.clone(), regular(rules));
         for k in external_keys {
-            service_ips.elements.insert(k, format!("goto {ext_chain}"));
+            service_ips
+                .elements
+                .insert(k, Verdict::Goto(ext_chain.clone()));
         }
         if let Some(k) = nodeport_key {
             service_nodeports
                 .elements
-                .insert(k, format!("goto {ext_chain}"));
+                .insert(k, Verdict::Goto(ext_chain.clone()));
         }
     }
     r.sets.insert(CLUSTER_IPS.into(), cluster_ips);
-    r.sets.insert(NODEPORT_IPS.into(), nodeport_ips);
     r.maps.insert(SERVICE_IPS.into(), service_ips);
     r.maps.insert(SERVICE_NODEPORTS.into(), service_nodeports);
     r.maps
@@ -328,13 +412,12 @@ pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
 /// Rules that send a new connection to one of `eps` with equal chances: the k-th rule matches
 /// one time in (N-k), so each endpoint gets 1/N. Plain rules load linearly where one anonymous
 /// vmap per service loads quadratically.
-fn balance(rules: &mut Vec<String>, sp: &ServicePort, eps: &[&Endpoint]) {
+fn balance(rules: &mut Vec<Rule>, sp: &ServicePort, eps: &[&Endpoint]) {
     if sp.affinity_timeout.is_some() {
         for ep in eps {
-            rules.push(format!(
-                "ip saddr @{} goto {}",
-                affinity_set(&sp.id, ep),
-                endpoint_chain(&sp.id, ep)
+            rules.push(goto(
+                vec![addr_in(Addr::Saddr, &affinity_set(&sp.id, ep))],
+                &endpoint_chain(&sp.id, ep),
             ));
         }
     }
@@ -342,9 +425,9 @@ fn balance(rules: &mut Vec<String>, sp: &ServicePort, eps: &[&Endpoint]) {
     for (k, ep) in eps.iter().enumerate() {
         let chain = endpoint_chain(&sp.id, ep);
         if n - k > 1 {
-            rules.push(format!("numgen random mod {} == 0 goto {chain}", n - k));
+            rules.push(goto(vec![Match::NumgenZero((n - k) as u32)], &chain));
         } else {
-            rules.push(format!("goto {chain}"));
+            rules.push(goto(vec![], &chain));
         }
     }
 }

@@ -7,7 +7,9 @@
 pub mod conntrack;
 pub mod host;
 pub mod layout;
+pub mod metrics;
 pub mod model;
+pub mod netlink;
 pub mod ruleset;
 mod run;
 pub mod sync;
@@ -21,6 +23,23 @@ pub enum Error {
     #[error("running {cmd}")]
     Spawn {
         cmd: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the kernel refused `{what}`: {source}")]
+    Refused {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nf_tables netlink")]
+    Netlink(#[source] std::io::Error),
+    #[error("conntrack netlink")]
+    Conntrack(#[source] std::io::Error),
+    #[error("serving {what} on {addr}")]
+    Serve {
+        what: &'static str,
+        addr: std::net::SocketAddr,
         #[source]
         source: std::io::Error,
     },

@@ -1,9 +1,9 @@
 //! The watch loop: reflectors on Services and EndpointSlices; every burst of changes becomes one
 //! level-triggered sync of the whole desired table (only the difference reaches the kernel).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{stream, StreamExt};
 use ipnet::Ipv4Net;
@@ -15,7 +15,8 @@ use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 use crate::host::{self, NodePortAddresses};
-use crate::layout::{self, Layout};
+use crate::layout::Layout;
+use crate::metrics::{self, Metrics};
 use crate::sync::Syncer;
 use crate::Error;
 use crate::{conntrack, model};
@@ -33,8 +34,15 @@ pub struct Config {
     pub min_sync_period: Duration,
     /// Also without changes, the whole table is rewritten this often: repairs what others changed.
     pub full_sync_period: Duration,
+    /// Without changes, a sync still runs this often (level-triggered, so usually a no-op);
+    /// /healthz fails when changes have waited twice as long.
+    pub sync_period: Duration,
     /// Load br_netfilter and set bridge-nf-call-iptables=1.
     pub bridge_netfilter: bool,
+    /// Where /metrics is served (kube-proxy's --metrics-bind-address); None: nowhere.
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// Where /healthz is served (kube-proxy's --healthz-bind-address); None: nowhere.
+    pub healthz_bind_address: Option<SocketAddr>,
 }
 
 impl Config {
@@ -47,7 +55,10 @@ impl Config {
             node_name: node_name.into(),
             min_sync_period: Duration::from_millis(100),
             full_sync_period: Duration::from_secs(3600),
+            sync_period: Duration::from_secs(30),
             bridge_netfilter: true,
+            metrics_bind_address: Some(SocketAddr::from(([127, 0, 0, 1], 10249))),
+            healthz_bind_address: Some(SocketAddr::from(([0, 0, 0, 0], 10256))),
         }
     }
 }
@@ -119,6 +130,17 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
         warn!(addresses = ?cfg.nodeport_addresses, "no node address serves NodePorts");
     }
     info!(table = %cfg.table, ?nodeport_ips, "proxy starting");
+    let stats = Metrics::new(2 * cfg.sync_period);
+    let mut servers = vec![];
+    for (addr, what) in [
+        (cfg.metrics_bind_address, "metrics"),
+        (cfg.healthz_bind_address, "healthz"),
+    ] {
+        if let Some(addr) = addr {
+            let (_, task) = metrics::serve(addr, what, stats.clone()).await?;
+            servers.push(AbortOnDrop(task));
+        }
+    }
     let layout = Layout {
         table: cfg.table.clone(),
         service_cidr: cfg.service_cidr,
@@ -139,11 +161,15 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
     )
     .map(|e| e.map(|_| ()));
     let notify = changed.clone();
+    let queued = stats.clone();
     let mut watches = AbortOnDrop(tokio::spawn(async move {
         let mut events = std::pin::pin!(stream::select(svc_events, slice_events));
         while let Some(ev) = events.next().await {
             match ev {
-                Ok(()) => notify.notify_one(),
+                Ok(()) => {
+                    queued.queued();
+                    notify.notify_one();
+                }
                 Err(e) => warn!(error = %e, "watch failed; retrying with backoff"),
             }
         }
@@ -160,6 +186,7 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
     let mut synced_ports: Vec<model::ServicePort> = vec![];
     let mut next_full = tokio::time::Instant::now() + cfg.full_sync_period;
     loop {
+        let started = Instant::now();
         let svcs = services.state();
         let eps = slices.state();
         let ports = model::service_ports(
@@ -167,15 +194,17 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
             eps.iter().map(AsRef::as_ref),
             &cfg.node_name,
         );
-        let retry = match syncer.sync(layout::build(&layout, &ports)).await {
+        let retry = match syncer.sync_ports(&layout, ports.clone()).await {
             Ok(kind) => {
                 tracing::debug!(?kind, service_ports = ports.len(), "sync done");
+                stats.synced(started, kind, syncer.written);
                 // Only once the rules no longer send new flows there.
                 conntrack::clear(&conntrack::stale_flows(&synced_ports, &ports)).await;
                 synced_ports = ports;
                 false
             }
             Err(e) => {
+                stats.sync_failed();
                 error!(error = %e, "sync failed; retrying with a full sync");
                 true
             }
@@ -186,6 +215,7 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<(), Error> {
         }
         tokio::select! {
             _ = changed.notified() => {}
+            _ = tokio::time::sleep(cfg.sync_period) => continue,
             _ = tokio::time::sleep_until(next_full) => {
                 syncer.forget();
                 next_full = tokio::time::Instant::now() + cfg.full_sync_period;

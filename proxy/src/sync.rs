@@ -1,13 +1,18 @@
-//! Applies a desired `Ruleset` to the kernel through `nft -f -`: the first sync (and any retry)
-//! replaces the table in one transaction, later ones send only the difference.
+//! Applies a desired `Ruleset` to the kernel: the first sync (and any retry) replaces the table
+//! in one transaction, later ones send only the difference. Transactions go through nf_tables
+//! netlink (`crate::netlink`), or through `nft -f -` where asked.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tracing::{debug, warn};
 
-use crate::ruleset::Ruleset;
+use crate::layout::{self, Layout};
+use crate::model::ServicePort;
+use crate::netlink;
+use crate::ruleset::{Op, Ruleset};
 use crate::Error;
 
 /// What a sync did.
@@ -18,10 +23,89 @@ pub enum Applied {
     Full,
 }
 
+/// How transactions reach the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// nf_tables netlink, from this process.
+    #[default]
+    Netlink,
+    /// The `nft` binary, one `nft -f -` per transaction.
+    Nft,
+}
+
+/// What the last successful transaction wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    pub rules: usize,
+    pub elements: usize,
+}
+
+impl Written {
+    fn of(ops: &[Op<'_>]) -> Written {
+        let mut w = Written::default();
+        for op in ops {
+            match op {
+                Op::AddRule(..) => w.rules += 1,
+                Op::AddElement(..) | Op::DeleteElement(..) => w.elements += 1,
+                _ => {}
+            }
+        }
+        w
+    }
+}
+
+/// A Service, by namespace and name.
+type ServiceKey = (String, String);
+
+/// What the kernel was given, in parts: the fixed table and each Service's share of it.
+#[derive(Debug, Clone)]
+struct Parts {
+    fixed: Ruleset,
+    services: BTreeMap<ServiceKey, (Vec<ServicePort>, Ruleset)>,
+}
+
+impl Parts {
+    fn build(layout: &Layout, ports: BTreeMap<ServiceKey, Vec<ServicePort>>) -> Parts {
+        let services = ports
+            .into_iter()
+            .map(|(k, p)| {
+                let r = layout::build_services(layout, &p);
+                (k, (p, r))
+            })
+            .collect();
+        Parts {
+            fixed: layout::build_fixed(layout),
+            services,
+        }
+    }
+
+    fn whole(&self) -> Ruleset {
+        let mut r = self.fixed.clone();
+        for (_, part) in self.services.values() {
+            r.merge(part.clone());
+        }
+        r
+    }
+}
+
+fn by_service(ports: Vec<ServicePort>) -> BTreeMap<ServiceKey, Vec<ServicePort>> {
+    let mut out: BTreeMap<ServiceKey, Vec<ServicePort>> = BTreeMap::new();
+    for p in ports {
+        out.entry((p.id.namespace.clone(), p.id.name.clone()))
+            .or_default()
+            .push(p);
+    }
+    out
+}
+
 /// Keeps what the kernel was last given, to diff the next state against.
 #[derive(Debug, Default)]
 pub struct Syncer {
     applied: Option<Ruleset>,
+    parts: Option<Parts>,
+    backend: Backend,
+    /// What the last transaction that succeeded wrote.
+    pub written: Written,
 }
 
 impl Syncer {
@@ -29,42 +113,205 @@ impl Syncer {
         Syncer::default()
     }
 
+    pub fn with_backend(backend: Backend) -> Syncer {
+        Syncer {
+            backend,
+            ..Syncer::default()
+        }
+    }
+
     /// Makes the next sync a full one (the kernel's table may have been changed by others).
     pub fn forget(&mut self) {
         self.applied = None;
+        self.parts = None;
+    }
+
+    /// Makes the kernel's table the layout of these Service ports in one transaction, building
+    /// and diffing only the Services whose ports changed since the last sync (the rest of the
+    /// table is neither rebuilt nor compared). A refused partial transaction is logged with
+    /// the step it refused and retried as a full one.
+    pub async fn sync_ports(
+        &mut self,
+        layout: &Layout,
+        ports: Vec<ServicePort>,
+    ) -> Result<Applied, Error> {
+        self.applied = None;
+        let ports = by_service(ports);
+        let old = self
+            .parts
+            .take()
+            .filter(|p| p.fixed == layout::build_fixed(layout));
+        let Some(mut parts) = old else {
+            let parts = Parts::build(layout, ports);
+            let (desired, kind, written) = self.apply(None, parts.whole()).await?;
+            debug!(table = %desired.table, ?kind, ?written, "synced");
+            self.parts = Some(parts);
+            self.written = written;
+            return Ok(kind);
+        };
+        // Per changed Service: (its part before, its part now); None for an absent Service.
+        let mut changed: Vec<(ServiceKey, Ruleset, Ruleset)> = vec![];
+        let empty = || layout::build_services(layout, &[]);
+        for (key, p) in &ports {
+            match parts.services.get(key) {
+                Some((old_ports, _)) if old_ports == p => {}
+                Some((_, old_part)) => changed.push((
+                    key.clone(),
+                    old_part.clone(),
+                    layout::build_services(layout, p),
+                )),
+                None => changed.push((key.clone(), empty(), layout::build_services(layout, p))),
+            }
+        }
+        for (key, (_, old_part)) in &parts.services {
+            if !ports.contains_key(key) {
+                changed.push((key.clone(), old_part.clone(), empty()));
+            }
+        }
+        if changed.is_empty() {
+            self.parts = Some(parts);
+            return Ok(Applied::Unchanged);
+        }
+        let table = layout.table.clone();
+        let result = match self.backend {
+            Backend::Netlink => {
+                let (changed, r) = tokio::task::spawn_blocking(move || {
+                    let ops = part_ops(&changed);
+                    let r = netlink::apply(&table, &ops, false).map(|()| Written::of(&ops));
+                    (changed, r)
+                })
+                .await
+                .map_err(|e| Error::Netlink(std::io::Error::other(e)))?;
+                (changed, r)
+            }
+            Backend::Nft => {
+                let ops = part_ops(&changed);
+                let text: String = ops.iter().map(|o| o.render(&table) + "\n").collect();
+                let w = Written::of(&ops);
+                let r = apply(&text).await.map(|()| w);
+                (changed, r)
+            }
+        };
+        let (changed, r) = result;
+        for (key, _, new) in changed {
+            match ports.get(&key) {
+                Some(p) => {
+                    parts.services.insert(key, (p.clone(), new));
+                }
+                None => {
+                    parts.services.remove(&key);
+                }
+            }
+        }
+        match r {
+            Ok(written) => {
+                self.parts = Some(parts);
+                self.written = written;
+                Ok(Applied::Partial)
+            }
+            Err(e @ (Error::Refused { .. } | Error::Nft { .. })) => {
+                warn!(table = %layout.table, error = %e, "the kernel refused a partial sync; retrying with a full sync");
+                let (_, kind, written) = self.apply(None, parts.whole()).await?;
+                self.parts = Some(parts);
+                self.written = written;
+                Ok(kind)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn apply(
+        &self,
+        old: Option<Ruleset>,
+        desired: Ruleset,
+    ) -> Result<(Ruleset, Applied, Written), Error> {
+        match self.backend {
+            Backend::Netlink => tokio::task::spawn_blocking(move || sync_netlink(old, desired))
+                .await
+                .map_err(|e| Error::Netlink(std::io::Error::other(e)))?,
+            Backend::Nft => sync_nft(old, desired).await,
+        }
     }
 
     /// Makes the kernel's table equal to `desired` in one transaction. A partial transaction
-    /// the kernel refuses is logged and retried as a full one.
+    /// the kernel refuses is logged with the step it refused and retried as a full one.
     pub async fn sync(&mut self, desired: Ruleset) -> Result<Applied, Error> {
-        let partial = match &self.applied {
-            Some(old) if old.table == desired.table => match desired.render_diff(old) {
-                None => return Ok(Applied::Unchanged),
-                Some(text) => Some(text),
-            },
-            _ => None,
-        };
         // Until a sync succeeds the kernel's state is unknown: the next one is full.
-        self.applied = None;
-        let kind = match partial {
-            Some(text) => match apply(&text).await {
-                Ok(()) => Applied::Partial,
-                Err(Error::Nft { stderr }) => {
-                    warn!(table = %desired.table, %stderr, "nft refused a partial sync; retrying with a full sync");
-                    apply(&desired.render_full()).await?;
-                    Applied::Full
-                }
-                Err(e) => return Err(e),
-            },
-            None => {
-                apply(&desired.render_full()).await?;
-                Applied::Full
-            }
+        let old = self.applied.take().filter(|o| o.table == desired.table);
+        if old.as_ref() == Some(&desired) {
+            self.applied = old;
+            return Ok(Applied::Unchanged);
+        }
+        let (desired, kind, written) = match self.backend {
+            Backend::Netlink => tokio::task::spawn_blocking(move || sync_netlink(old, desired))
+                .await
+                .map_err(|e| Error::Netlink(std::io::Error::other(e)))??,
+            Backend::Nft => sync_nft(old, desired).await?,
         };
-        debug!(table = %desired.table, ?kind, "synced");
+        debug!(table = %desired.table, ?kind, ?written, "synced");
         self.applied = Some(desired);
+        self.written = written;
         Ok(kind)
     }
+}
+
+/// The steps that turn each changed Service's old part into its new one, in one transaction.
+fn part_ops(changed: &[(ServiceKey, Ruleset, Ruleset)]) -> Vec<Op<'_>> {
+    let mut ops = vec![Op::AddTable];
+    for (_, old, new) in changed {
+        ops.extend(new.diff_ops(old).into_iter().filter(|o| *o != Op::AddTable));
+    }
+    ops
+}
+
+fn sync_netlink(
+    old: Option<Ruleset>,
+    desired: Ruleset,
+) -> Result<(Ruleset, Applied, Written), Error> {
+    let t = &desired.table;
+    if let Some(old) = &old {
+        let ops = desired.diff_ops(old);
+        match netlink::apply(t, &ops, false) {
+            Ok(()) => {
+                let w = Written::of(&ops);
+                return Ok((desired, Applied::Partial, w));
+            }
+            Err(e @ Error::Refused { .. }) => {
+                warn!(table = %t, error = %e, "the kernel refused a partial sync; retrying with a full sync");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let ops = desired.full_ops();
+    netlink::apply(t, &ops, true)?;
+    let w = Written::of(&ops);
+    Ok((desired, Applied::Full, w))
+}
+
+async fn sync_nft(
+    old: Option<Ruleset>,
+    desired: Ruleset,
+) -> Result<(Ruleset, Applied, Written), Error> {
+    if let Some(old) = &old {
+        let ops = desired.diff_ops(old);
+        let text: String = ops
+            .iter()
+            .map(|o| o.render(&desired.table) + "\n")
+            .collect();
+        match apply(&text).await {
+            Ok(()) => {
+                let w = Written::of(&ops);
+                return Ok((desired, Applied::Partial, w));
+            }
+            Err(Error::Nft { stderr }) => {
+                warn!(table = %desired.table, %stderr, "nft refused a partial sync; retrying with a full sync");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    apply(&desired.render_full()).await?;
+    let w = Written::of(&desired.full_ops());
+    Ok((desired, Applied::Full, w))
 }
 
 /// Runs one `nft -f -` transaction; nft's message names the line it refused.
@@ -94,5 +341,10 @@ pub async fn apply(text: &str) -> Result<(), Error> {
 
 /// Removes table `ip <table>` if it exists (what `oxlet proxy --cleanup` does).
 pub async fn cleanup(table: &str) -> Result<(), Error> {
-    apply(&format!("add table ip {table}\ndelete table ip {table}\n")).await
+    let table = table.to_string();
+    tokio::task::spawn_blocking(move || {
+        netlink::apply(&table, &[Op::AddTable, Op::DeleteTable], false)
+    })
+    .await
+    .map_err(|e| Error::Netlink(std::io::Error::other(e)))?
 }

@@ -14,7 +14,7 @@ use common::*;
 use proxy::layout::{self, Layout};
 use proxy::model::{Endpoint, Protocol, ServicePort, ServicePortName};
 use proxy::ruleset::Ruleset;
-use proxy::sync::{Applied, Syncer};
+use proxy::sync::{Applied, Backend, Syncer};
 use serde_json::Value;
 
 fn layout(bed: &Bed) -> Layout {
@@ -89,6 +89,10 @@ fn kernel_state(table: &str) -> BTreeMap<String, Value> {
 /// A varied state: one of three services gets affinity, one NodePort and external IPs with a
 /// Local policy, one has no endpoints.
 fn state_a(bed: &Bed) -> Ruleset {
+    layout::build(&layout(bed), &ports_a(bed))
+}
+
+fn ports_a(bed: &Bed) -> Vec<ServicePort> {
     let (b1, b2) = (bed.pods[0].ip, bed.pods[1].ip);
     let mut web = port(bed, "web", 1, &[(b1, true), (b2, false)]);
     web.node_port = Some(bed.node_port(1));
@@ -97,17 +101,21 @@ fn state_a(bed: &Bed) -> Ruleset {
     let mut sticky = port(bed, "sticky", 2, &[(b1, false), (b2, false)]);
     sticky.affinity_timeout = Some(30);
     let empty = port(bed, "empty", 3, &[]);
-    layout::build(&layout(bed), &[web, sticky, empty])
+    vec![web, sticky, empty]
 }
 
 /// state_a changed: web loses an endpoint, sticky is gone, empty gets one, a new one appears.
 fn state_b(bed: &Bed) -> Ruleset {
+    layout::build(&layout(bed), &ports_b(bed))
+}
+
+fn ports_b(bed: &Bed) -> Vec<ServicePort> {
     let (b1, b2) = (bed.pods[0].ip, bed.pods[1].ip);
     let mut web = port(bed, "web", 1, &[(b1, true)]);
     web.node_port = Some(bed.node_port(1));
     let empty = port(bed, "empty", 3, &[(b2, false)]);
     let new = port(bed, "new", 4, &[(b1, false), (b2, false)]);
-    layout::build(&layout(bed), &[web, empty, new])
+    vec![web, empty, new]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,6 +133,45 @@ async fn partial_syncs_leave_what_a_full_sync_would() -> Result<()> {
     assert_eq!(partial_b, kernel_state(&bed.table));
     assert!(partial_b.keys().any(|k| k.contains("default/new/")));
     assert!(!partial_b.keys().any(|k| k.contains("default/sticky/")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_service_syncs_leave_what_a_full_sync_would() -> Result<()> {
+    let bed = Bed::new(2).await?;
+    let lay = layout(&bed);
+    let mut syncer = Syncer::new();
+    assert_eq!(syncer.sync_ports(&lay, ports_a(&bed)).await?, Applied::Full);
+    let full_a = kernel_state(&bed.table);
+    assert_eq!(Syncer::new().sync(state_a(&bed)).await?, Applied::Full);
+    assert_eq!(kernel_state(&bed.table), full_a);
+    // The table is back to what `syncer` wrote; it goes on from there.
+    assert_eq!(
+        syncer.sync_ports(&lay, ports_a(&bed)).await?,
+        Applied::Unchanged
+    );
+    assert_eq!(
+        syncer.sync_ports(&lay, ports_b(&bed)).await?,
+        Applied::Partial
+    );
+    let partial_b = kernel_state(&bed.table);
+    assert_eq!(
+        syncer.sync_ports(&lay, ports_a(&bed)).await?,
+        Applied::Partial
+    );
+    assert_eq!(kernel_state(&bed.table), full_a);
+    assert_eq!(Syncer::new().sync(state_b(&bed)).await?, Applied::Full);
+    assert_eq!(partial_b, kernel_state(&bed.table));
+    // Refused (an element it deletes is gone): retried in full.
+    let mut syncer = Syncer::new();
+    syncer.sync_ports(&lay, ports_a(&bed)).await?;
+    sh_ok(&format!(
+        "nft delete element ip {} service-ips '{{ {} . tcp . 80 }}'",
+        bed.table,
+        bed.service_ip(2)
+    ));
+    assert_eq!(syncer.sync_ports(&lay, ports_b(&bed)).await?, Applied::Full);
+    assert_eq!(partial_b, kernel_state(&bed.table));
     Ok(())
 }
 
@@ -268,5 +315,124 @@ async fn a_client_sees_no_failure_across_a_proxy_restart() -> Result<()> {
         &failed[..failed.len().min(5)]
     );
     assert!(ok >= 50, "only {ok} requests");
+    Ok(())
+}
+
+/// `nft list table` text with each set's elements sorted: the kernel lists hash set elements in
+/// an order of its own, which differs between two loads of the same elements.
+fn listing(table: &str) -> String {
+    let text = sh_ok(&format!("nft list table ip {table}"));
+    let mut out = String::new();
+    let mut elements: Option<String> = None;
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(acc) = elements.as_mut() {
+            acc.push(' ');
+            acc.push_str(t);
+        } else if let Some(rest) = t.strip_prefix("elements = {") {
+            elements = Some(rest.to_string());
+        } else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        let acc = elements.as_ref().unwrap();
+        if let Some(body) = acc.trim_end().strip_suffix('}') {
+            let mut items: Vec<String> = body
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+            items.sort();
+            out.push_str(&format!("\t\telements = {{ {} }}\n", items.join(", ")));
+            elements = None;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netlink_writes_the_table_nft_writes() -> Result<()> {
+    let bed = Bed::new(2).await?;
+    for state in [state_a(&bed), state_b(&bed)] {
+        Syncer::with_backend(Backend::Nft)
+            .sync(state.clone())
+            .await?;
+        let by_nft = listing(&bed.table);
+        proxy::cleanup(&bed.table).await?;
+        assert!(bed.table_text().is_empty());
+        Syncer::with_backend(Backend::Netlink).sync(state).await?;
+        assert_eq!(listing(&bed.table), by_nft);
+    }
+    // A partial netlink transaction leaves what nft's full load of the same state does (chains
+    // it adds are listed after the older ones, so the comparison ignores the order).
+    let mut syncer = Syncer::with_backend(Backend::Netlink);
+    syncer.sync(state_a(&bed)).await?;
+    assert_eq!(syncer.sync(state_b(&bed)).await?, Applied::Partial);
+    let partial = kernel_state(&bed.table);
+    let text = listing(&bed.table);
+    Syncer::with_backend(Backend::Nft)
+        .sync(state_b(&bed))
+        .await?;
+    assert_eq!(partial, kernel_state(&bed.table));
+    assert!(
+        text.contains("numgen random mod 2 0 goto endpoint-"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_transaction_names_its_element_and_changes_nothing() -> Result<()> {
+    let bed = Bed::new(2).await?;
+    let (a, b) = (state_a(&bed), state_b(&bed));
+    Syncer::new().sync(a.clone()).await?;
+    // Someone removed an element the next diff deletes: the kernel refuses that step.
+    let gone = format!("{} . tcp . 80", bed.service_ip(2));
+    sh_ok(&format!(
+        "nft delete element ip {} service-ips '{{ {gone} }}'",
+        bed.table
+    ));
+    let before = listing(&bed.table);
+    let err = proxy::netlink::apply(&bed.table, &b.diff_ops(&a), false).unwrap_err();
+    match &err {
+        proxy::Error::Refused { what, source } => {
+            assert_eq!(
+                what,
+                &format!("delete element ip {} service-ips {{ {gone} }}", bed.table)
+            );
+            assert_eq!(source.raw_os_error(), Some(libc::ENOENT), "{err}");
+        }
+        other => panic!("not a refusal: {other:?}"),
+    }
+    // The steps before and after the refused one did not happen either.
+    assert_eq!(listing(&bed.table), before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_rule_is_named() -> Result<()> {
+    let bed = Bed::new(0).await?;
+    let mut r = proxy::ruleset::Ruleset::new(bed.table.clone());
+    // A jump to a chain that does not exist.
+    r.chains.insert(
+        "c".into(),
+        proxy::ruleset::Chain {
+            base: None,
+            rules: vec![proxy::ruleset::Rule::verdict(
+                vec![],
+                proxy::ruleset::Verdict::Jump("missing".into()),
+            )],
+        },
+    );
+    let err = Syncer::new().sync(r).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "the kernel refused `add rule ip {} c jump missing`: No such file or directory (os error 2)",
+            bed.table
+        )
+    );
+    assert!(bed.table_text().is_empty(), "{}", bed.table_text());
     Ok(())
 }

@@ -36,6 +36,22 @@ fn web(eps: &[(&str, bool)]) -> ServicePort {
     }
 }
 
+/// The map key written as nft writes it.
+fn key(text: &str) -> Key {
+    let parts: Vec<&str> = text.split(" . ").collect();
+    let proto = |p: &str| match p {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => Protocol::Sctp,
+    };
+    match parts[..] {
+        [a] => Key::Addr(a.parse().unwrap()),
+        [a, p, port] => Key::AddrProtoPort(a.parse().unwrap(), proto(p), port.parse().unwrap()),
+        [p, port] => Key::ProtoPort(proto(p), port.parse().unwrap()),
+        _ => panic!("{text}"),
+    }
+}
+
 /// The lines of the full rendering that mention `what`.
 fn lines_with(r: &Ruleset, what: &str) -> Vec<String> {
     r.render_commands()
@@ -123,7 +139,8 @@ fn each_of_n_endpoints_gets_one_chance_in_n() {
     let eps: Vec<(&str, bool)> = eps.iter().map(|(s, l)| (s.as_str(), *l)).collect();
     let r = build(&layout(), &[web(&eps)]);
     let rules = &r.chains["service-c7a03e88-ns/web/tcp/http"].rules;
-    let picks: Vec<&str> = rules[1..]
+    let texts: Vec<String> = rules[1..].iter().map(|r| r.to_string()).collect();
+    let picks: Vec<&str> = texts
         .iter()
         .map(|r| r.split(" goto ").next().unwrap())
         .collect();
@@ -195,30 +212,33 @@ fn local_policies_use_local_endpoints() {
     let local = "local-c7a03e88-ns/web/tcp/http";
     let ext = "external-c7a03e88-ns/web/tcp/http";
     assert_eq!(
-        r.chains[local].rules[1..],
+        r.chains[local].rules[1..]
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>(),
         ["goto endpoint-6c6c8a63-ns/web/tcp/http__10.244.0.2/8080".to_string()]
     );
     assert_eq!(
-        r.maps["service-ips"].elements["10.96.0.10 . tcp . 80"],
+        r.maps["service-ips"].elements[&key("10.96.0.10 . tcp . 80")].to_string(),
         format!("goto {local}")
     );
     assert_eq!(
-        r.maps["service-ips"].elements["192.0.2.50 . tcp . 80"],
+        r.maps["service-ips"].elements[&key("192.0.2.50 . tcp . 80")].to_string(),
         format!("goto {ext}")
     );
     assert_eq!(
-        r.chains[ext].rules.last().unwrap(),
-        &format!("goto {local}")
+        r.chains[ext].rules.last().unwrap().to_string(),
+        format!("goto {local}")
     );
     // No local endpoint: cluster and external traffic drop, as upstream.
     sp.endpoints.retain(|e| !e.local);
     let r = build(&layout(), &[sp]);
     assert_eq!(
-        r.maps["no-endpoint-services"].elements["10.96.0.10 . tcp . 80"],
+        r.maps["no-endpoint-services"].elements[&key("10.96.0.10 . tcp . 80")].to_string(),
         "drop"
     );
     assert_eq!(
-        r.maps["no-endpoint-nodeports"].elements["tcp . 30080"],
+        r.maps["no-endpoint-nodeports"].elements[&key("tcp . 30080")].to_string(),
         "drop"
     );
     assert!(!r.chains.contains_key(local));

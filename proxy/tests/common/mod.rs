@@ -259,6 +259,9 @@ impl Bed {
         cfg.cluster_cidr = self.cluster_cidr().parse().unwrap();
         cfg.nodeport_addresses = format!("{}/32", self.node_ip()).parse().unwrap();
         cfg.min_sync_period = Duration::from_millis(50);
+        // Beds run side by side: their servers take free ports (tests that read them set them).
+        cfg.metrics_bind_address = Some("127.0.0.1:0".parse().unwrap());
+        cfg.healthz_bind_address = Some("127.0.0.1:0".parse().unwrap());
         cfg
     }
 
