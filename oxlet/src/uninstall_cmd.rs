@@ -96,7 +96,7 @@ fn remove_file(path: &Path, removed: &mut Vec<String>) -> Result<()> {
     }
 }
 
-/// Mounts left below `dir` (a sandbox whose record was lost), deepest first.
+/// Unmounts what is left below `dir` (sandboxes or volumes whose record was lost), deepest first.
 fn unmount_below(dir: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").context("read /proc/self/mounts")?;
     let mut below: Vec<&str> = mounts
@@ -184,6 +184,7 @@ pub fn run(data_dir: &Path, args: UninstallArgs) -> Result<()> {
 
     unmount_below(&args.run_dir)?;
     remove_dir(&args.run_dir, &mut removed)?;
+    unmount_below(data_dir)?;
     remove_dir(data_dir, &mut removed)?;
     // The log dir may hold other kubelets' pods; it goes only when oxlet's left it empty.
     if std::fs::remove_dir(&args.log_dir).is_ok() {
