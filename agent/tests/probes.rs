@@ -526,7 +526,7 @@ async fn termination_messages_from_the_file_or_the_log() -> Result<()> {
             "restartPolicy": "Never",
             "containers": [
                 ct("file", "printf 'bye from file' > /dev/termination-log; exit 3", json!({})),
-                ct("fallback", "echo line1; echo oops >&2; exit 2", json!({"terminationMessagePolicy": "FallbackToLogsOnError"})),
+                ct("fallback", "echo line1; sleep 1; echo oops >&2; exit 2", json!({"terminationMessagePolicy": "FallbackToLogsOnError"})),
                 ct("fallback-ok", "echo fine", json!({"terminationMessagePolicy": "FallbackToLogsOnError"})),
                 ct("custom", "printf custom > /tmp/msg", json!({
                     "terminationMessagePath": "/tmp/msg",

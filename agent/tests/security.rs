@@ -113,7 +113,7 @@ async fn users_groups_and_run_as_non_root() -> Result<()> {
     let evs = c.events("nonroot").await?;
     assert!(
         evs.iter()
-            .any(|(r, m)| r == "Failed" && m == "Error: CreateContainerConfigError"),
+            .any(|(r, m)| r == "Failed" && *m == format!("Error: {msg}")),
         "{evs:?}"
     );
     // The same pod with a non-root user runs.

@@ -107,13 +107,18 @@ impl Node {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         };
-        let shims = sh(&format!(
-            "pgrep -f 'oxlet-shim .*{}' | wc -l",
-            self.p("data").display()
-        ))
-        .trim()
-        .parse()
-        .unwrap_or(0);
+        let data = self.p("data").display().to_string();
+        let shims = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.first().is_some_and(|a| a.ends_with(b"oxlet-shim"))
+                    && String::from_utf8_lossy(c).contains(&data)
+            })
+            .count();
         (
             ports,
             leases,
