@@ -4,6 +4,7 @@ mod agent_cmd;
 mod image_cmd;
 mod proxy_cmd;
 mod run_cmd;
+mod status_cmd;
 mod uninstall_cmd;
 mod up_cmd;
 
@@ -44,6 +45,9 @@ enum Command {
     /// Run the node's kube-proxy: Services and EndpointSlices into nftables (table ip oxlet-proxy)
     /// until SIGTERM or Ctrl-C; the rules stay in place after it stops.
     Proxy(proxy_cmd::ProxyArgs),
+    /// Tell what of `oxlet up` runs and what is unhealthy (API server, controllers, node agent,
+    /// proxy, cluster DNS, CNI network), with the reason; exits 1 when anything is unhealthy.
+    Status(status_cmd::StatusArgs),
     /// Remove what `oxlet up` and `oxlet agent` made on this machine: pods (containers, network
     /// attachments, sandboxes, cgroups, logs), nftables tables, the bridge and default CNI
     /// configuration, the data and state directories and the admin kubeconfig.
@@ -75,6 +79,7 @@ fn main() -> Result<()> {
         Command::Image(cmd) => image_cmd::run(&cli.data_dir, cmd),
         Command::Up(args) => up_cmd::run(&cli.data_dir, args),
         Command::Agent(args) => agent_cmd::run(&cli.data_dir, args),
+        Command::Status(args) => status_cmd::run(args),
         Command::Uninstall(args) => uninstall_cmd::run(&cli.data_dir, args),
         Command::NodeKubeconfig {
             name,

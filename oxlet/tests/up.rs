@@ -260,6 +260,33 @@ spec:
     let mut got: Vec<String> = seen.into_iter().collect();
     got.sort();
     assert_eq!(got, want, "both pods answer on the ClusterIP");
+
+    // `oxlet status` finds every part healthy.
+    let oxlet_status = || {
+        Command::new(env!("CARGO_BIN_EXE_oxlet"))
+            .args(["status", "--kubeconfig"])
+            .arg(&kc)
+            .arg("--cni-conf-dir")
+            .arg(d.join("net.d"))
+            .arg("--cni-bin-dir")
+            .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
+            .output()
+            .unwrap()
+    };
+    let out = oxlet_status();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for part in ["api", "controllers", "agent", "proxy", "dns", "cni"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(part) && l.contains(" ok ")),
+            "{part} not ok:\n{text}"
+        );
+    }
     ok(kubectl(&kc, &["delete", "-f", "-"], Some(web)));
     until("the pods gone", Duration::from_secs(60), || {
         let out = kubectl(&kc, &["get", "pods", "-o", "name"], None);
@@ -326,6 +353,15 @@ spec:
     assert!(
         listed.status.success(),
         "the rules stay after oxlet up stops"
+    );
+    // Stopped, `oxlet status` says so and fails.
+    let out = oxlet_status();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("api") && l.contains("unhealthy")),
+        "{text}"
     );
     // Pods keep running, as when kubelet stops.
     assert!(has_processes(&pod_cgroup), "the pod's container still runs");
