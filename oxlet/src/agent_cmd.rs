@@ -14,24 +14,8 @@ pub struct AgentArgs {
     /// The Node's name; the host name by default.
     #[arg(long)]
     node_name: Option<String>,
-    /// Volatile state: libcontainer, sandbox namespaces.
-    #[arg(long, default_value = "/run/oxlet")]
-    run_dir: PathBuf,
-    /// Container logs.
-    #[arg(long, default_value = "/var/log/pods")]
-    log_dir: PathBuf,
-    #[arg(long, default_value = cni::client::DEFAULT_CONF_DIR)]
-    cni_conf_dir: PathBuf,
-    /// Where CNI plugins are looked for, in order (comma-separated); the first gets
-    /// oxlet-bridge when a default configuration is written.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "/opt/cni/bin,/usr/lib/cni"
-    )]
-    cni_bin_dir: Vec<PathBuf>,
-    #[arg(long, default_value = cni::client::DEFAULT_CACHE_DIR)]
-    cni_cache_dir: PathBuf,
+    #[command(flatten)]
+    dirs: crate::node_dirs::NodeDirs,
     /// Pod range for the default CNI configuration when the Node has no spec.podCIDR.
     #[arg(long)]
     pod_cidr: Option<String>,
@@ -107,11 +91,7 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
     };
     let mut cfg = agent::Config::new(node_name);
     cfg.data_dir = data_dir.to_path_buf();
-    cfg.run_dir = args.run_dir;
-    cfg.log_dir = args.log_dir;
-    cfg.cni_conf_dir = args.cni_conf_dir;
-    cfg.cni_bin_dirs = args.cni_bin_dir;
-    cfg.cni_cache_dir = args.cni_cache_dir;
+    args.dirs.apply(&mut cfg);
     cfg.pod_cidr = args.pod_cidr;
     cfg.node_ip = args.node_ip;
     cfg.insecure_registries = args.insecure_registry;

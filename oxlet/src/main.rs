@@ -2,6 +2,7 @@
 
 mod agent_cmd;
 mod image_cmd;
+mod node_dirs;
 mod proxy_cmd;
 mod run_cmd;
 mod status_cmd;

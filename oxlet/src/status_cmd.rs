@@ -24,14 +24,8 @@ pub struct StatusArgs {
     proxy_healthz: SocketAddr,
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
-    #[arg(long, default_value = cni::client::DEFAULT_CONF_DIR)]
-    cni_conf_dir: PathBuf,
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "/opt/cni/bin,/usr/lib/cni"
-    )]
-    cni_bin_dir: Vec<PathBuf>,
+    #[command(flatten)]
+    cni: crate::node_dirs::CniDirs,
 }
 
 /// A Lease older than this (kubelet renews every 10 s; the node controller's grace is 40 s)
@@ -185,15 +179,15 @@ async fn dns(n: &Node, domain: &str) -> Result<String> {
 
 fn cni(args: &StatusArgs) -> Result<String> {
     let net =
-        cni::client::NetworkConfigList::load_first(&args.cni_conf_dir).with_context(|| {
+        cni::client::NetworkConfigList::load_first(&args.cni.cni_conf_dir).with_context(|| {
             format!(
                 "no network configuration in {}",
-                args.cni_conf_dir.display()
+                args.cni.cni_conf_dir.display()
             )
         })?;
     for plugin in &net.plugins {
         let ty = plugin["type"].as_str().unwrap_or_default();
-        if !args.cni_bin_dir.iter().any(|d| d.join(ty).is_file()) {
+        if !args.cni.cni_bin_dir.iter().any(|d| d.join(ty).is_file()) {
             bail!(
                 "network {}: plugin {ty:?} is in none of the plugin directories",
                 net.name
@@ -203,7 +197,7 @@ fn cni(args: &StatusArgs) -> Result<String> {
     Ok(format!(
         "network {} from {}",
         net.name,
-        args.cni_conf_dir.display()
+        args.cni.cni_conf_dir.display()
     ))
 }
 

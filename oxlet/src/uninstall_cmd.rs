@@ -12,20 +12,8 @@ pub struct UninstallArgs {
     /// The admin kubeconfig `oxlet up` wrote.
     #[arg(long, default_value = "/etc/oxlet/admin.kubeconfig")]
     kubeconfig: PathBuf,
-    #[arg(long, default_value = "/run/oxlet")]
-    run_dir: PathBuf,
-    #[arg(long, default_value = "/var/log/pods")]
-    log_dir: PathBuf,
-    #[arg(long, default_value = cni::client::DEFAULT_CONF_DIR)]
-    cni_conf_dir: PathBuf,
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "/opt/cni/bin,/usr/lib/cni"
-    )]
-    cni_bin_dir: Vec<PathBuf>,
-    #[arg(long, default_value = cni::client::DEFAULT_CACHE_DIR)]
-    cni_cache_dir: PathBuf,
+    #[command(flatten)]
+    dirs: crate::node_dirs::NodeDirs,
     /// The proxy's nftables table.
     #[arg(long, default_value = "oxlet-proxy", hide = true)]
     proxy_table: String,
@@ -123,12 +111,9 @@ pub fn run(data_dir: &Path, args: UninstallArgs) -> Result<()> {
     // cgroups (with the QoS levels no pod uses), logs and records, as the agent removes a pod.
     let mut acfg = agent::Config::new("uninstall");
     acfg.data_dir = data_dir.to_path_buf();
-    acfg.run_dir = args.run_dir.clone();
-    acfg.log_dir = args.log_dir.clone();
-    acfg.cni_conf_dir = args.cni_conf_dir.clone();
-    acfg.cni_bin_dirs = args.cni_bin_dir.clone();
-    acfg.cni_cache_dir = args.cni_cache_dir.clone();
-    if data_dir.exists() || args.run_dir.exists() {
+    args.dirs.clone().apply(&mut acfg);
+    let (run_dir, log_dir, cni) = (args.dirs.run_dir, args.dirs.log_dir, args.dirs.cni);
+    if data_dir.exists() || run_dir.exists() {
         let pods = agent::pod_runtime::PodRuntime::new(&acfg, [127, 0, 0, 1].into())
             .context("open the agent's pod state")?;
         for uid in pods.local_pods() {
@@ -156,7 +141,7 @@ pub fn run(data_dir: &Path, args: UninstallArgs) -> Result<()> {
             removed.push(format!("nftables table ip {}", args.proxy_table));
             // The default network (agent::network) is oxlet's own; another configuration is the
             // user's and stays, with its plugins.
-            let conf = args.cni_conf_dir.join(agent::network::DEFAULT_CONF);
+            let conf = cni.cni_conf_dir.join(agent::network::DEFAULT_CONF);
             let ours = std::fs::read_to_string(&conf).is_ok_and(|t| {
                 t.contains("\"oxlet-bridge\"") && t.contains(agent::network::BRIDGE)
             });
@@ -173,22 +158,22 @@ pub fn run(data_dir: &Path, args: UninstallArgs) -> Result<()> {
                     cni::masq::table_name("oxlet")
                 ));
                 remove_file(&conf, &mut removed)?;
-                if let Some(bin) = args.cni_bin_dir.first() {
+                if let Some(bin) = cni.cni_bin_dir.first() {
                     remove_file(&bin.join("oxlet-bridge"), &mut removed)?;
                 }
-                remove_dir(&args.cni_cache_dir.join("networks/oxlet"), &mut removed)?;
+                remove_dir(&cni.cni_cache_dir.join("networks/oxlet"), &mut removed)?;
             }
             anyhow::Ok(())
         })?;
     }
 
-    unmount_below(&args.run_dir)?;
-    remove_dir(&args.run_dir, &mut removed)?;
+    unmount_below(&run_dir)?;
+    remove_dir(&run_dir, &mut removed)?;
     unmount_below(data_dir)?;
     remove_dir(data_dir, &mut removed)?;
     // The log dir may hold other kubelets' pods; it goes only when oxlet's left it empty.
-    if std::fs::remove_dir(&args.log_dir).is_ok() {
-        removed.push(args.log_dir.display().to_string());
+    if std::fs::remove_dir(&log_dir).is_ok() {
+        removed.push(log_dir.display().to_string());
     }
     remove_file(&args.kubeconfig, &mut removed)?;
     if let Some(dir) = args.kubeconfig.parent() {

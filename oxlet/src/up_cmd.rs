@@ -40,27 +40,8 @@ pub struct UpArgs {
     /// Run without the node agent (the control plane schedules, nothing runs pods here).
     #[arg(long)]
     no_agent: bool,
-    /// The agent's volatile state: libcontainer, sandbox namespaces.
-    #[arg(long, default_value = "/run/oxlet")]
-    run_dir: PathBuf,
-    /// Container logs.
-    #[arg(long, default_value = "/var/log/pods")]
-    log_dir: PathBuf,
-    /// CNI configuration; the default oxlet-bridge one (from the Node's pod range) is written
-    /// here when it holds none.
-    #[arg(long, default_value = "/etc/cni/net.d")]
-    cni_conf_dir: PathBuf,
-    /// Where CNI plugins are looked for, in order (comma-separated); the first gets
-    /// oxlet-bridge when the default configuration is written.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "/opt/cni/bin,/usr/lib/cni"
-    )]
-    cni_bin_dir: Vec<PathBuf>,
-    /// CNI results cache and host-local IPAM state.
-    #[arg(long, default_value = "/var/lib/cni")]
-    cni_cache_dir: PathBuf,
+    #[command(flatten)]
+    dirs: crate::node_dirs::NodeDirs,
     /// The cluster DNS address: the kube-dns Service's ClusterIP, pods' nameserver.
     #[arg(long, default_value = "10.96.0.10")]
     cluster_dns: IpAddr,
@@ -168,11 +149,7 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
         if !args.no_agent {
             let mut acfg = agent::Config::new(node.clone());
             acfg.data_dir = data_dir.to_path_buf();
-            acfg.run_dir = args.run_dir;
-            acfg.log_dir = args.log_dir;
-            acfg.cni_conf_dir = args.cni_conf_dir;
-            acfg.cni_bin_dirs = args.cni_bin_dir;
-            acfg.cni_cache_dir = args.cni_cache_dir;
+            args.dirs.apply(&mut acfg);
             if !args.no_dns {
                 acfg.cluster_dns = vec![args.cluster_dns];
             }

@@ -6,8 +6,11 @@
 //! `oxlet-proxy` table and drops traffic to unallocated addresses of 10.96.0.0/12, where other
 //! tests put their own services.
 
+mod common;
+
+use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 struct Up {
@@ -41,53 +44,6 @@ fn has_processes(dir: &Path) -> bool {
             .flatten()
             .flatten()
             .any(|e| e.path().is_dir() && has_processes(&e.path()))
-}
-
-fn kubectl(kc: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    use std::io::Write;
-    let mut c = Command::new("/usr/lib/google-cloud-sdk/bin/kubectl.1.33")
-        .arg("--kubeconfig")
-        .arg(kc)
-        .args(args)
-        .env("HOME", kc.parent().unwrap())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    let mut input = c.stdin.take().unwrap();
-    if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).unwrap();
-    }
-    drop(input);
-    c.wait_with_output().unwrap()
-}
-
-#[track_caller]
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "kubectl failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
