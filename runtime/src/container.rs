@@ -553,6 +553,7 @@ fn forward_signals_to_child() {
         SigSet::empty(),
     );
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores the signal number in an atomic (async-signal-safe).
         let _ = unsafe { sigaction(sig, &action) };
     }
 }
@@ -577,6 +578,7 @@ fn own_output() -> Option<(OwnedFd, OwnedFd)> {
                 .ok()
                 .map(OwnedFd::from)
         } else {
+            // SAFETY: fd is one of this process's standard streams, open for its whole life.
             unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
                 .try_clone_to_owned()
                 .ok()

@@ -103,6 +103,7 @@ fn get(f: &HashMap<String, String>, k: &str) -> Result<String, String> {
 
 fn create(f: &HashMap<String, String>) -> i32 {
     // Fork away so the caller only reaps this first process and the container outlives it.
+    // SAFETY: the shim is single-threaded here; the child only continues this function.
     match unsafe { fork() } {
         Ok(ForkResult::Parent { .. }) => return 0,
         Ok(ForkResult::Child) => {}
@@ -113,6 +114,7 @@ fn create(f: &HashMap<String, String>) -> i32 {
     }
     let _ = setsid();
     // Orphans inside the container come back to us to be reaped.
+    // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     match supervise(f) {
         Ok(()) => 0,
@@ -129,6 +131,7 @@ fn report(line: &str) {
     let _ = out.flush();
     // Closing our stdout tells the caller the report is complete.
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: both descriptors are open; dup2 replaces fd 1 atomically.
         unsafe { libc::dup2(null.as_raw_fd(), 1) };
     }
 }
@@ -234,10 +237,12 @@ fn exec(f: &HashMap<String, String>, cmd: Vec<String>) -> i32 {
             return Err("no command".into());
         }
         let dup = |fd: i32| -> Result<OwnedFd, String> {
+            // SAFETY: dup of one of this process's standard streams.
             let n = unsafe { libc::dup(fd) };
             if n < 0 {
                 return Err(format!("dup {fd}: {}", std::io::Error::last_os_error()));
             }
+            // SAFETY: n is a fresh descriptor from dup, owned by nothing else.
             Ok(unsafe { OwnedFd::from_raw_fd(n) })
         };
         let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
