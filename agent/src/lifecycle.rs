@@ -2,18 +2,52 @@
 //! SIGTERM, with kubelet's failure messages. exec runs in the container, httpGet goes from the
 //! node to the pod, sleep waits.
 
-use crate::probe::{exec, http, Action, Target};
+use crate::probe::{exec, http, Action, ActionError, Target};
 use k8s_openapi::api::core::v1::{LifecycleHandler, Pod};
 use std::time::Duration;
 
-/// Runs `handler` for the target container, within `budget` when one is given. The error is
-/// the message kubelet puts in its FailedPostStartHook / FailedPreStopHook event.
+/// A hook that failed, worded as kubelet's FailedPostStartHook / FailedPreStopHook event.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("Exec lifecycle hook ([{command}]) for Container {container:?} in Pod {pod:?} failed - error: {error}, message: {output:?}")]
+    Exec {
+        command: String,
+        container: String,
+        pod: String,
+        #[source]
+        error: ExecFailure,
+        output: String,
+    },
+    #[error("HTTP lifecycle hook ({path}) for Container {container:?} in Pod {pod:?} failed - error: {error}")]
+    Http {
+        path: String,
+        container: String,
+        pod: String,
+        #[source]
+        error: ActionError,
+    },
+}
+
+/// Why an exec hook failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecFailure {
+    #[error("command '{command}' exited with {code}: {output}")]
+    Exited {
+        command: String,
+        code: i32,
+        output: String,
+    },
+    #[error(transparent)]
+    NotRun(#[from] ActionError),
+}
+
+/// Runs `handler` for the target container, within `budget` when one is given.
 pub async fn run(
     handler: &LifecycleHandler,
     target: &Target,
     pod: &Pod,
     budget: Option<Duration>,
-) -> Result<(), String> {
+) -> Result<(), HookError> {
     let Some(action) = Action::of_hook(handler) else {
         return Ok(());
     };
@@ -22,25 +56,26 @@ pub async fn run(
     match action {
         Action::Exec(e) => {
             let cmd = e.command.clone().unwrap_or_default();
-            let failed = |error: String, output: &str| {
-                format!(
-                    "Exec lifecycle hook ([{}]) for Container {name:?} in Pod {pod_ref:?} failed - error: {error}, message: {output:?}",
-                    cmd.join(" ")
-                )
+            let command = cmd.join(" ");
+            let (error, output) = match exec::run(target, &cmd, budget).await {
+                Ok(x) if x.exit_code == 0 => return Ok(()),
+                Ok(x) => (
+                    ExecFailure::Exited {
+                        command: command.clone(),
+                        code: x.exit_code,
+                        output: x.output.clone(),
+                    },
+                    x.output,
+                ),
+                Err(e) => (e.into(), String::new()),
             };
-            match exec::run(target, &cmd, budget).await {
-                Ok(x) if x.exit_code == 0 => Ok(()),
-                Ok(x) => Err(failed(
-                    format!(
-                        "command '{}' exited with {}: {}",
-                        cmd.join(" "),
-                        x.exit_code,
-                        x.output
-                    ),
-                    &x.output,
-                )),
-                Err(e) => Err(failed(e, "")),
-            }
+            Err(HookError::Exec {
+                command,
+                container: name.clone(),
+                pod: pod_ref,
+                error,
+                output,
+            })
         }
         Action::Http(h) => {
             let path = h.path.clone().unwrap_or_default();
@@ -48,9 +83,12 @@ pub async fn run(
             let timeout = budget.unwrap_or(Duration::from_secs(3600));
             match http::get(target, &h, timeout, http::HOOK).await {
                 Ok(_) => Ok(()),
-                Err(e) => Err(format!(
-                    "HTTP lifecycle hook ({path}) for Container {name:?} in Pod {pod_ref:?} failed - error: {e}"
-                )),
+                Err(error) => Err(HookError::Http {
+                    path,
+                    container: name.clone(),
+                    pod: pod_ref,
+                    error,
+                }),
             }
         }
         Action::Sleep(s) => {

@@ -496,7 +496,7 @@ impl PodRuntime {
             .and_then(|cfg| cfg.user().clone())
             .unwrap_or_default();
         crate::security::verify_run_as_non_root(pod, c, &image_user)
-            .map_err(|m| ("CreateContainerConfigError".to_string(), m))?;
+            .map_err(|e| ("CreateContainerConfigError".to_string(), e.to_string()))?;
         let log_path = self
             .log_dir(&ns, &name, &uid)
             .join(&c.name)

@@ -244,7 +244,13 @@ impl Worker {
                 if let Err(msg) = crate::lifecycle::run(&hook, &target, &pod, Some(grace)).await {
                     let path = Some(events::field_path(false, &c.name));
                     events
-                        .pod(&pod, path, events::WARNING, "FailedPreStopHook", msg)
+                        .pod(
+                            &pod,
+                            path,
+                            events::WARNING,
+                            "FailedPreStopHook",
+                            msg.to_string(),
+                        )
                         .await;
                 }
                 remaining = grace
@@ -559,7 +565,7 @@ impl Worker {
         };
         if let Err(msg) = result {
             let at = Some((init, c.name.as_str()));
-            self.event(at, events::WARNING, "FailedPostStartHook", msg)
+            self.event(at, events::WARNING, "FailedPostStartHook", msg.to_string())
                 .await;
             let grace = self.grace(None);
             self.kill(c, &id, "FailedPostStartHook".into(), grace).await;

@@ -58,13 +58,33 @@ fn image_user(user: &str) -> (Option<i64>, String) {
     }
 }
 
-/// kubelet's runAsNonRoot check against the effective securityContext and the image's
-/// `User`; the error is its CreateContainerConfigError message.
+/// A container that runAsNonRoot forbids, worded as kubelet's CreateContainerConfigError message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NonRootError {
+    #[error("container's runAsUser breaks non-root policy (pod: {pod:?}, container: {container})")]
+    RunAsRoot { pod: String, container: String },
+    #[error("container has runAsNonRoot and image has non-numeric user ({user}), cannot verify user is non-root (pod: {pod:?}, container: {container})")]
+    NonNumericUser {
+        user: String,
+        pod: String,
+        container: String,
+    },
+    #[error("container has runAsNonRoot and image will run as root (pod: {pod:?}, container: {container})")]
+    ImageRoot { pod: String, container: String },
+    #[error("container has runAsNonRoot and image has an invalid user id ({uid}). (Must be 1-({max})): must be between 0 and 2147483647, inclusive (pod: {pod:?}, container: {container})", max = i32::MAX)]
+    InvalidUid {
+        uid: i64,
+        pod: String,
+        container: String,
+    },
+}
+
+/// kubelet's runAsNonRoot check against the effective securityContext and the image's `User`.
 pub fn verify_run_as_non_root(
     pod: &Pod,
     c: &Container,
     image_user_field: &str,
-) -> Result<(), String> {
+) -> Result<(), NonRootError> {
     let psc = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
     let sc = c.security_context.as_ref();
     let non_root = sc
@@ -73,30 +93,29 @@ pub fn verify_run_as_non_root(
     if non_root != Some(true) {
         return Ok(());
     }
-    let pod_ref = crate::status::pod_ref(pod);
-    let name = &c.name;
+    let pod = crate::status::pod_ref(pod);
+    let container = c.name.clone();
     if let Some(uid) = sc
         .and_then(|s| s.run_as_user)
         .or(psc.and_then(|p| p.run_as_user))
     {
         if uid == 0 {
-            return Err(format!(
-                "container's runAsUser breaks non-root policy (pod: {pod_ref:?}, container: {name})"
-            ));
+            return Err(NonRootError::RunAsRoot { pod, container });
         }
         return Ok(());
     }
     match image_user(image_user_field) {
-        (None, user) => Err(format!(
-            "container has runAsNonRoot and image has non-numeric user ({user}), cannot verify user is non-root (pod: {pod_ref:?}, container: {name})"
-        )),
-        (Some(0), _) => Err(format!(
-            "container has runAsNonRoot and image will run as root (pod: {pod_ref:?}, container: {name})"
-        )),
-        (Some(uid), _) if uid < 0 || uid > i32::MAX as i64 => Err(format!(
-            "container has runAsNonRoot and image has an invalid user id ({uid}). (Must be 1-({})): must be between 0 and 2147483647, inclusive (pod: {pod_ref:?}, container: {name})",
-            i32::MAX
-        )),
+        (None, user) => Err(NonRootError::NonNumericUser {
+            user,
+            pod,
+            container,
+        }),
+        (Some(0), _) => Err(NonRootError::ImageRoot { pod, container }),
+        (Some(uid), _) if uid < 0 || uid > i32::MAX as i64 => Err(NonRootError::InvalidUid {
+            uid,
+            pod,
+            container,
+        }),
         _ => Ok(()),
     }
 }
@@ -163,11 +182,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            verify_run_as_non_root(&p, &c, "").unwrap_err(),
+            verify_run_as_non_root(&p, &c, "").unwrap_err().to_string(),
             "container has runAsNonRoot and image will run as root (pod: \"p_ns(u1)\", container: c)"
         );
         assert!(verify_run_as_non_root(&p, &c, "nobody")
             .unwrap_err()
+            .to_string()
             .contains("image has non-numeric user (nobody)"));
         assert!(verify_run_as_non_root(&p, &c, "1000:1000").is_ok());
         let root = Container {
@@ -179,6 +199,7 @@ mod tests {
         };
         assert!(verify_run_as_non_root(&p, &root, "1000")
             .unwrap_err()
+            .to_string()
             .starts_with("container's runAsUser breaks non-root policy"));
         let user = Container {
             security_context: Some(SecurityContext {

@@ -24,13 +24,36 @@ pub struct Options {
     pub previous: bool,
 }
 
-fn options(q: &[(String, String)]) -> Result<Options, String> {
-    let num = |name: &str| -> Result<Option<i64>, String> {
+/// A log request's query that kubelet refuses, in its words.
+#[derive(Debug, thiserror::Error)]
+enum QueryError {
+    #[error("invalid {name} {value:?}: must be an integer")]
+    NotInteger { name: String, value: String },
+    #[error("tailLines: must be greater than or equal to 0")]
+    NegativeTail,
+    #[error("limitBytes: must be greater than 0")]
+    NoBytes,
+    #[error("at most one of sinceTime or sinceSeconds may be specified")]
+    TwoSinces,
+    #[error("sinceSeconds: must be greater than 0")]
+    NoSeconds,
+    #[error("invalid sinceTime {value:?}: {source}")]
+    SinceTime {
+        value: String,
+        #[source]
+        source: chrono::ParseError,
+    },
+}
+
+fn options(q: &[(String, String)]) -> Result<Options, QueryError> {
+    let num = |name: &str| -> Result<Option<i64>, QueryError> {
         param(q, name)
             .filter(|v| !v.is_empty())
             .map(|v| {
-                v.parse::<i64>()
-                    .map_err(|_| format!("invalid {name} {v:?}: must be an integer"))
+                v.parse::<i64>().map_err(|_| QueryError::NotInteger {
+                    name: name.to_string(),
+                    value: v.to_string(),
+                })
             })
             .transpose()
     };
@@ -42,30 +65,32 @@ fn options(q: &[(String, String)]) -> Result<Options, String> {
     };
     if let Some(t) = num("tailLines")? {
         if t < 0 {
-            return Err("tailLines: must be greater than or equal to 0".into());
+            return Err(QueryError::NegativeTail);
         }
         o.tail_lines = Some(t as usize);
     }
     if let Some(b) = num("limitBytes")? {
         if b < 1 {
-            return Err("limitBytes: must be greater than 0".into());
+            return Err(QueryError::NoBytes);
         }
         o.limit_bytes = Some(b as usize);
     }
     let since_seconds = num("sinceSeconds")?;
     let since_time = param(q, "sinceTime").filter(|v| !v.is_empty());
     if since_seconds.is_some() && since_time.is_some() {
-        return Err("at most one of sinceTime or sinceSeconds may be specified".into());
+        return Err(QueryError::TwoSinces);
     }
     if let Some(s) = since_seconds {
         if s < 1 {
-            return Err("sinceSeconds: must be greater than 0".into());
+            return Err(QueryError::NoSeconds);
         }
         o.since = Some(Utc::now() - chrono::Duration::seconds(s));
     }
     if let Some(t) = since_time {
-        let t =
-            DateTime::parse_from_rfc3339(t).map_err(|e| format!("invalid sinceTime {t:?}: {e}"))?;
+        let t = DateTime::parse_from_rfc3339(t).map_err(|source| QueryError::SinceTime {
+            value: t.to_string(),
+            source,
+        })?;
         o.since = Some(t.with_timezone(&Utc));
     }
     Ok(o)
@@ -185,7 +210,7 @@ pub(super) async fn serve(
 ) -> Response<Body> {
     let opts = match options(q) {
         Ok(o) => o,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let Some(LocalPod { uid, pod: obj }) = api.find_pod(ns, pod) else {
         return error(

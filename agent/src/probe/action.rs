@@ -24,6 +24,42 @@ impl Outcome {
     }
 }
 
+/// Why an action could not be run or did not succeed, in the words kubelet shows after
+/// `... probe failed: ` or in a hook's failure event.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("pod has no IP address")]
+    NoPodIp,
+    #[error("couldn't find port: {port} in container {container:?}")]
+    NoSuchPort { port: String, container: String },
+    #[error("invalid port number: {0}")]
+    InvalidPort(i64),
+    #[error("dial tcp {addr}: connect: {}", super::tcp::os_error(.source))]
+    Dial {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("dial tcp {addr}: i/o timeout")]
+    DialTimeout { addr: String },
+    #[error("Get {url:?}: {}", super::http::describe(.source))]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error(
+        "Get {url:?}: context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
+    )]
+    HttpTimeout { url: String },
+    #[error("no command")]
+    NoCommand,
+    #[error(transparent)]
+    Exec(#[from] runtime::container::Error),
+    #[error("exec did not finish: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
 /// A running container attempt and the address its network actions go to.
 #[derive(Clone)]
 pub struct Target {
@@ -36,18 +72,18 @@ pub struct Target {
 
 impl Target {
     /// The host an action connects to: its own `host` field, else the pod's address.
-    pub fn host_for(&self, explicit: Option<&str>) -> Result<String, String> {
+    pub fn host_for(&self, explicit: Option<&str>) -> Result<String, ActionError> {
         match explicit.filter(|h| !h.is_empty()) {
             Some(h) => Ok(h.to_string()),
             None => self
                 .host
                 .map(|ip| ip.to_string())
-                .ok_or_else(|| "pod has no IP address".to_string()),
+                .ok_or(ActionError::NoPodIp),
         }
     }
 
     /// A port by number or by the name of one of the container's ports.
-    pub fn port(&self, p: &IntOrString) -> Result<u16, String> {
+    pub fn port(&self, p: &IntOrString) -> Result<u16, ActionError> {
         let n = match p {
             IntOrString::Int(n) => *n,
             IntOrString::String(s) => match s.parse::<i32>() {
@@ -59,18 +95,16 @@ impl Target {
                     .flatten()
                     .find(|cp| cp.name.as_deref() == Some(s.as_str()))
                     .map(|cp| cp.container_port)
-                    .ok_or_else(|| {
-                        format!(
-                            "couldn't find port: {s} in container {:?}",
-                            self.container.name
-                        )
+                    .ok_or_else(|| ActionError::NoSuchPort {
+                        port: s.clone(),
+                        container: self.container.name.clone(),
                     })?,
             },
         };
         u16::try_from(n)
             .ok()
             .filter(|n| *n > 0)
-            .ok_or_else(|| format!("invalid port number: {n}"))
+            .ok_or(ActionError::InvalidPort(n.into()))
     }
 }
 
@@ -165,12 +199,23 @@ mod tests {
             container: Arc::new(c),
             host: None,
         };
-        assert_eq!(t.port(&IntOrString::Int(81)), Ok(81));
-        assert_eq!(t.port(&IntOrString::String("http".into())), Ok(8080));
-        assert_eq!(t.port(&IntOrString::String("9000".into())), Ok(9000));
-        assert!(t.port(&IntOrString::String("grpc".into())).is_err());
-        assert!(t.port(&IntOrString::Int(0)).is_err());
-        assert!(t.host_for(None).is_err());
+        assert_eq!(t.port(&IntOrString::Int(81)).unwrap(), 81);
+        assert_eq!(t.port(&IntOrString::String("http".into())).unwrap(), 8080);
+        assert_eq!(t.port(&IntOrString::String("9000".into())).unwrap(), 9000);
+        assert_eq!(
+            t.port(&IntOrString::String("grpc".into()))
+                .unwrap_err()
+                .to_string(),
+            "couldn't find port: grpc in container \"web\""
+        );
+        assert_eq!(
+            t.port(&IntOrString::Int(0)).unwrap_err().to_string(),
+            "invalid port number: 0"
+        );
+        assert_eq!(
+            t.host_for(None).unwrap_err().to_string(),
+            "pod has no IP address"
+        );
         assert_eq!(t.host_for(Some("example")).unwrap(), "example");
         assert_eq!(join_host_port("fd00::1", 80), "[fd00::1]:80");
     }

@@ -1,5 +1,6 @@
 //! exec actions: a command run in the container through the runtime, its output captured.
 
+use super::action::ActionError;
 use super::{Outcome, Target};
 use k8s_openapi::api::core::v1::ExecAction;
 use std::time::{Duration, Instant};
@@ -18,18 +19,16 @@ pub async fn run(
     target: &Target,
     cmd: &[String],
     timeout: Option<Duration>,
-) -> Result<Exec, String> {
+) -> Result<Exec, ActionError> {
     if cmd.is_empty() {
-        return Err("no command".into());
+        return Err(ActionError::NoCommand);
     }
     let (rt, id, cmd) = (target.rt.clone(), target.container_id.clone(), cmd.to_vec());
     let began = Instant::now();
     let out = tokio::task::spawn_blocking(move || {
         runtime::container::exec(rt.paths(), &id, &cmd, timeout)
     })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    .await??;
     let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
     output.push_str(&String::from_utf8_lossy(&out.stderr));
     // The runtime SIGKILLs the command at the timeout: 128 + 9.
@@ -48,6 +47,6 @@ pub async fn probe(target: &Target, e: &ExecAction, timeout: Duration) -> Outcom
         Ok(x) if x.timed_out => Outcome::Failure(format!("command {:?} timed out", cmd.join(" "))),
         Ok(x) if x.exit_code == 0 => Outcome::Success,
         Ok(x) => Outcome::Failure(x.output),
-        Err(e) => Outcome::Failure(e),
+        Err(e) => Outcome::Failure(e.to_string()),
     }
 }

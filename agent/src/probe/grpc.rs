@@ -84,7 +84,7 @@ pub async fn check(addr: &str, service: &str, timeout: Duration) -> Outcome {
 pub async fn probe(target: &Target, g: &GRPCAction, timeout: Duration) -> Outcome {
     let host = match target.host_for(None) {
         Ok(h) => h,
-        Err(e) => return Outcome::Failure(e),
+        Err(e) => return Outcome::Failure(e.to_string()),
     };
     let Ok(port) = u16::try_from(g.port) else {
         return Outcome::Failure(format!("invalid port number: {}", g.port));

@@ -1,7 +1,7 @@
 //! httpGet actions: a GET from the node to the pod (or `host`), TLS unverified, redirects
 //! followed only to the same host, as kubelet's prober does.
 
-use super::action::join_host_port;
+use super::action::{join_host_port, ActionError};
 use super::{Outcome, Target};
 use k8s_openapi::api::core::v1::HTTPGetAction;
 use std::sync::OnceLock;
@@ -51,7 +51,7 @@ fn client() -> &'static reqwest::Client {
 }
 
 /// The URL an action requests.
-pub fn url(target: &Target, h: &HTTPGetAction) -> Result<String, String> {
+pub fn url(target: &Target, h: &HTTPGetAction) -> Result<String, ActionError> {
     let host = target.host_for(h.host.as_deref())?;
     let port = target.port(&h.port)?;
     let scheme = h.scheme.as_deref().unwrap_or("HTTP").to_ascii_lowercase();
@@ -63,24 +63,20 @@ pub fn url(target: &Target, h: &HTTPGetAction) -> Result<String, String> {
     ))
 }
 
-/// Go's wording of a failed request (`Get "http://...": dial tcp ...: connect: connection refused`).
-fn describe(url: &str, e: &reqwest::Error) -> String {
+/// Go's wording of why a request failed, after `Get "http://...": ` (`dial tcp ...: connect:
+/// connection refused`).
+pub fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
-        return format!(
-            "Get {url:?}: context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
-        );
+        return "context deadline exceeded (Client.Timeout exceeded while awaiting headers)".into();
     }
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            let addr = reqwest::Url::parse(url)
-                .ok()
+            let addr = e
+                .url()
                 .and_then(|u| Some(join_host_port(u.host_str()?, u.port_or_known_default()?)))
                 .unwrap_or_default();
-            return format!(
-                "Get {url:?}: dial tcp {addr}: connect: {}",
-                super::tcp::os_error(io)
-            );
+            return format!("dial tcp {addr}: connect: {}", super::tcp::os_error(io));
         }
         src = s.source();
     }
@@ -90,7 +86,7 @@ fn describe(url: &str, e: &reqwest::Error) -> String {
         msg = format!("{msg}: {s}");
         src = s.source();
     }
-    format!("Get {url:?}: {msg}")
+    msg
 }
 
 /// Sends the GET; the status and the start of the body.
@@ -99,7 +95,7 @@ pub async fn get(
     h: &HTTPGetAction,
     timeout: Duration,
     agent: &str,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), ActionError> {
     let url = url(target, h)?;
     let mut req = client().get(&url).timeout(timeout);
     let headers = h.http_headers.clone().unwrap_or_default();
@@ -114,7 +110,10 @@ pub async fn get(
         req = req.header(x.name.as_str(), x.value.as_str());
     }
     let read = async {
-        let mut resp = req.send().await.map_err(|e| describe(&url, &e))?;
+        let mut resp = req.send().await.map_err(|source| ActionError::Http {
+            url: url.clone(),
+            source,
+        })?;
         let status = resp.status().as_u16();
         let mut body = Vec::new();
         while body.len() < MAX_BODY {
@@ -128,9 +127,7 @@ pub async fn get(
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
-            "Get {url:?}: context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
-        )),
+        Err(_) => Err(ActionError::HttpTimeout { url }),
     }
 }
 
@@ -142,6 +139,6 @@ pub async fn probe(target: &Target, h: &HTTPGetAction, timeout: Duration, agent:
             Outcome::Warning(format!("Probe terminated redirects, Response body: {body}"))
         }
         Ok((s, _)) => Outcome::Failure(format!("HTTP probe failed with statuscode: {s}")),
-        Err(e) => Outcome::Failure(e),
+        Err(e) => Outcome::Failure(e.to_string()),
     }
 }

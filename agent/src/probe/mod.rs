@@ -12,7 +12,7 @@ pub mod grpc;
 pub mod http;
 pub mod tcp;
 
-pub use action::{Action, Outcome, Target};
+pub use action::{Action, ActionError, Outcome, Target};
 
 use crate::events::{self, Recorder};
 use crate::status::{PodSnapshot, RunState};

@@ -1,6 +1,6 @@
 //! tcpSocket actions: a TCP connection from the node to the pod, closed at once.
 
-use super::action::join_host_port;
+use super::action::{join_host_port, ActionError};
 use super::{Outcome, Target};
 use k8s_openapi::api::core::v1::TCPSocketAction;
 use std::time::Duration;
@@ -21,11 +21,12 @@ pub fn os_error(e: &std::io::Error) -> String {
 }
 
 /// Connects to `addr` (`host:port`) within `timeout`; the error as Go's dialer words it.
-pub async fn dial(addr: &str, timeout: Duration) -> Result<tokio::net::TcpStream, String> {
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+pub async fn dial(addr: &str, timeout: Duration) -> Result<tokio::net::TcpStream, ActionError> {
+    let addr = addr.to_string();
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(format!("dial tcp {addr}: connect: {}", os_error(&e))),
-        Err(_) => Err(format!("dial tcp {addr}: i/o timeout")),
+        Ok(Err(source)) => Err(ActionError::Dial { addr, source }),
+        Err(_) => Err(ActionError::DialTimeout { addr }),
     }
 }
 
@@ -35,10 +36,10 @@ pub async fn probe(target: &Target, t: &TCPSocketAction, timeout: Duration) -> O
         .and_then(|h| Ok(join_host_port(&h, target.port(&t.port)?)))
     {
         Ok(a) => a,
-        Err(e) => return Outcome::Failure(e),
+        Err(e) => return Outcome::Failure(e.to_string()),
     };
     match dial(&addr, timeout).await {
         Ok(_) => Outcome::Success,
-        Err(e) => Outcome::Failure(e),
+        Err(e) => Outcome::Failure(e.to_string()),
     }
 }
