@@ -3,6 +3,9 @@
 //! others start, and nothing is left of the deleted ones (containers, shims, sandboxes, network
 //! attachments and IP leases, cgroups, records). Root; needs `tests/testbed/up`.
 
+mod common;
+
+use common::{sweep, uninstall};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -129,18 +132,16 @@ impl Node {
     }
 }
 
+/// Not the proxy's table: this test runs beside others that own it.
+const UNINSTALL: &[&str] = &["--proxy-table", "oxlet-kill-test-none"];
+const PREFIX: &str = "oxlet-kill-";
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill_agent();
-        // Containers of a failed run: their shims, then the bridge.
-        sh(&format!(
-            "pkill -9 -f 'oxlet-shim .*{}'",
-            self.p("data").display()
-        ));
-        sh(&format!(
-            "for l in $(ip -o link show master {br} 2>/dev/null | awk -F': ' '{{print $2}}' | cut -d@ -f1); do ip link del $l; done; ip link del {br} 2>/dev/null",
-            br = self.bridge
-        ));
+        // What a failed run left (pods, their mounts, networks and cgroups), then the bridge.
+        uninstall(self.dir.path(), UNINSTALL);
+        sh(&format!("ip link del {} 2>/dev/null", self.bridge));
     }
 }
 
@@ -177,7 +178,8 @@ async fn wait_for(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_mid_burst_restarts_without_leaks_or_restarts() -> Result<()> {
-    let dir = tempfile::Builder::new().prefix("oxlet-kill-").tempdir()?;
+    sweep(PREFIX, UNINSTALL);
+    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir()?;
     let x = std::process::id() % 250 + 1;
     let mut scfg = control::Config::new(dir.path().join("control"));
     scfg.listen = "127.0.0.1:0".parse()?;

@@ -19,6 +19,8 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
+const PREFIX: &str = "oxlet-dns-test-";
+
 struct Up {
     child: Option<Child>,
     kc: std::path::PathBuf,
@@ -39,13 +41,7 @@ impl Drop for Up {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new(env!("CARGO_BIN_EXE_oxlet"))
-            .args(["proxy", "--cleanup"])
-            .output();
-        let _ = Command::new("ip")
-            .args(["link", "del", "oxlet0"])
-            .stderr(Stdio::null())
-            .status();
+        uninstall(self.dir.path(), &[]);
     }
 }
 
@@ -103,7 +99,8 @@ fn nft_service_ips() -> String {
 #[ignore = "run alone by scripts/test (owns the oxlet-proxy table and 10.96.0.0/12)"]
 fn pods_resolve_services_through_the_cluster_dns() {
     let (upstream_ip, upstream_count) = upstream();
-    let dir = tempfile::tempdir().unwrap();
+    sweep(PREFIX, &[]);
+    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir().unwrap();
     let d = dir.path();
     let resolv = d.join("resolv.conf");
     std::fs::write(

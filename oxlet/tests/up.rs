@@ -13,6 +13,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+const PREFIX: &str = "oxlet-up-test-";
+
 struct Up {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -24,14 +26,8 @@ impl Drop for Up {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = Command::new(env!("CARGO_BIN_EXE_oxlet"))
-            .args(["proxy", "--cleanup"])
-            .output();
-        // The bridge of the default CNI configuration (agent::network names it).
-        let _ = Command::new("ip")
-            .args(["link", "del", "oxlet0"])
-            .stderr(Stdio::null())
-            .status();
+        // Whatever the test did not get to: pods, tables, the bridge.
+        uninstall(self.dir.path(), &[]);
     }
 }
 
@@ -49,7 +45,8 @@ fn has_processes(dir: &Path) -> bool {
 #[test]
 #[ignore = "run alone by scripts/test (owns the oxlet-proxy table and 10.96.0.0/12)"]
 fn up_runs_a_deployment_behind_a_service_until_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
+    sweep(PREFIX, &[]);
+    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir().unwrap();
     let port = free_port();
     let kc = dir.path().join("admin.kubeconfig");
     let d = dir.path().to_path_buf();
@@ -323,23 +320,7 @@ spec:
     assert!(has_processes(&pod_cgroup), "the pod's container still runs");
 
     // `oxlet uninstall` removes everything oxlet up made.
-    let out = Command::new(env!("CARGO_BIN_EXE_oxlet"))
-        .arg("--data-dir")
-        .arg(d.join("data"))
-        .args(["uninstall", "--kubeconfig"])
-        .arg(&kc)
-        .arg("--run-dir")
-        .arg(d.join("run"))
-        .arg("--log-dir")
-        .arg(d.join("logs"))
-        .arg("--cni-conf-dir")
-        .arg(d.join("net.d"))
-        .arg("--cni-bin-dir")
-        .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
-        .arg("--cni-cache-dir")
-        .arg(d.join("cni-cache"))
-        .output()
-        .unwrap();
+    let out = uninstall(&d, &[]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

@@ -265,16 +265,19 @@ pub fn state(paths: &Paths, id: &str) -> Result<State> {
             ContainerStatus::Running | ContainerStatus::Paused => State::Running {
                 pid: c.pid().map(|p| p.as_raw()).unwrap_or(0),
             },
-            // Stopped but the shim has not written its record yet (or was killed).
-            ContainerStatus::Stopped => State::Exited(
-                wait_exit_info(paths, id, Duration::from_secs(2)).unwrap_or_else(lost_exit),
-            ),
+            ContainerStatus::Stopped => State::Exited(stopped_exit(paths, id)),
         }),
         // No libcontainer state and no exit record: the machine rebooted or the shim died
         // before it could write; the process is gone.
         Err(Error::NotFound(_)) => Ok(State::Exited(lost_exit())),
         Err(e) => Err(e),
     }
+}
+
+/// The exit of a container whose process is gone: its shim's record, or, when the shim was
+/// killed before writing one, a lost exit.
+fn stopped_exit(paths: &Paths, id: &str) -> ExitInfo {
+    wait_exit_info(paths, id, Duration::from_secs(2)).unwrap_or_else(lost_exit)
 }
 
 /// What is reported for a process whose end nobody recorded: exit code 255, as the CRI runtimes
@@ -321,6 +324,9 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
         Err(Error::NotFound(_)) => return Ok(exit_info(paths, id).unwrap_or_else(lost_exit)),
         Err(e) => return Err(e),
     };
+    if c.status() == ContainerStatus::Stopped {
+        return Ok(stopped_exit(paths, id));
+    }
     if c.status() == ContainerStatus::Created {
         // Never started: killing the waiting init ends it.
         let _ = c.kill(Signal::SIGKILL, true);

@@ -51,3 +51,50 @@ pub fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// `oxlet uninstall` of what a test's `oxlet up` or `oxlet agent` made below `dir`, laid out as
+/// the tests lay it out (data, run, logs, net.d, cni-bin, cni-cache, admin.kubeconfig).
+pub fn uninstall(dir: &Path, extra: &[&str]) -> Output {
+    let bins = Path::new(env!("CARGO_BIN_EXE_oxlet"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    Command::new(env!("CARGO_BIN_EXE_oxlet"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["uninstall", "--kubeconfig"])
+        .arg(dir.join("admin.kubeconfig"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--log-dir")
+        .arg(dir.join("logs"))
+        .arg("--cni-conf-dir")
+        .arg(dir.join("net.d"))
+        .arg("--cni-bin-dir")
+        .arg(format!(
+            "{},{},/usr/lib/cni",
+            dir.join("cni-bin").display(),
+            bins.display()
+        ))
+        .arg("--cni-cache-dir")
+        .arg(dir.join("cni-cache"))
+        .args(extra)
+        .output()
+        .expect("oxlet uninstall runs")
+}
+
+/// Removes what killed earlier runs left in their temporary directories named `prefix*`
+/// (a directory whose oxlet still runs is left: uninstall refuses it).
+pub fn sweep(prefix: &str, extra: &[&str]) {
+    for e in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name().to_string_lossy().starts_with(prefix)
+            && uninstall(&e.path(), extra).status.success()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
