@@ -77,7 +77,7 @@ async fn env_from_secrets_config_maps_fields_resources_and_services() -> Result<
             "serviceAccountName": "default",
             "containers": [{
                 "name": "c",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sh", "-c", "echo --env--; env; echo --end--; echo \"$(MESSAGE) via $(MY_POD_NAME)\"; sleep 3600"],
                 "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}, "requests": {"cpu": "250m", "memory": "32Mi"}},
                 "envFrom": [{"configMapRef": {"name": "special-config"}, "prefix": "CONFIG_"},
@@ -166,7 +166,7 @@ async fn env_from_secrets_config_maps_fields_resources_and_services() -> Result<
         "spec": {
             "enableServiceLinks": false,
             "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "c", "image": BUSYBOX,
+            "containers": [{"name": "c", "image": busybox(),
                 "command": ["sh", "-c", "echo --env--; env; echo --end--; sleep 3600"]}]
         }
     }))
@@ -201,7 +201,7 @@ async fn a_missing_key_or_object_is_create_container_config_error_until_it_appea
             "metadata": {"name": name},
             "spec": {
                 "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "c", "image": BUSYBOX,
+                "containers": [{"name": "c", "image": busybox(),
                     "command": ["sh", "-c", "echo level=$LOG_LEVEL; sleep 3600"],
                     "env": [{"name": "LOG_LEVEL", "valueFrom": {"configMapKeyRef": {"name": cm, "key": "log_level"}}}]}]
             }

@@ -60,7 +60,7 @@ fn busybox_pod(name: &str, policy: &str, script: &str) -> Value {
         "spec": {
             "restartPolicy": policy,
             "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "c", "image": BUSYBOX, "command": ["sh", "-c", script]}]
+            "containers": [{"name": "c", "image": busybox(), "command": ["sh", "-c", script]}]
         }
     })
 }

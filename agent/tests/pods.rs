@@ -94,7 +94,9 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
 
     let script =
         "mkdir -p /www && echo hello-from-oxlet > /www/index.html && exec httpd -f -p 8080 -h /www";
-    let created = c.create_pod(pod("web", "Always", BUSYBOX, script)).await?;
+    let created = c
+        .create_pod(pod("web", "Always", busybox(), script))
+        .await?;
     assert_eq!(phase(&created), "Pending");
     let p = c
         .wait_pod("web", Duration::from_secs(60), "Running and Ready", |p| {
@@ -164,9 +166,10 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
 async fn never_pods_succeed_or_fail_with_kubelet_reasons() -> Result<()> {
     let mut c = Cluster::new().await?;
     c.start_agent().await?;
-    c.create_pod(pod("ok", "Never", BUSYBOX, "echo done"))
+    c.create_pod(pod("ok", "Never", busybox(), "echo done"))
         .await?;
-    c.create_pod(pod("bad", "Never", BUSYBOX, "exit 1")).await?;
+    c.create_pod(pod("bad", "Never", busybox(), "exit 1"))
+        .await?;
     let ok = c
         .wait_pod("ok", Duration::from_secs(60), "Succeeded", |p| {
             phase(p) == "Succeeded"
@@ -213,14 +216,14 @@ async fn image_errors_show_kubelet_reasons() -> Result<()> {
     c.create_pod(pod(
         "missing",
         "Always",
-        "127.0.0.1:5000/test/does-not-exist:latest",
+        &image("test/does-not-exist:latest"),
         "true",
     ))
     .await?;
     c.create_pod(pod(
         "invalid",
         "Always",
-        "127.0.0.1:5000/Test/UPPER:latest",
+        &image("Test/UPPER:latest"),
         "true",
     ))
     .await?;
@@ -288,7 +291,7 @@ async fn crashing_container_backs_off_with_increasing_restart_count() -> Result<
     let mut c = Cluster::new().await?;
     c.cfg.backoff_base = Duration::from_secs(1);
     c.start_agent().await?;
-    c.create_pod(pod("crash", "Always", BUSYBOX, "exit 3"))
+    c.create_pod(pod("crash", "Always", busybox(), "exit 3"))
         .await?;
     let mut saw_backoff = false;
     let p = c
@@ -316,10 +319,10 @@ async fn init_containers_run_in_order_before_app_containers() -> Result<()> {
                 "restartPolicy": policy,
                 "terminationGracePeriodSeconds": 1,
                 "initContainers": [
-                    {"name": "first", "image": BUSYBOX, "command": ["sh", "-c", "sleep 2"]},
-                    {"name": "second", "image": BUSYBOX, "command": ["sh", "-c", second]}
+                    {"name": "first", "image": busybox(), "command": ["sh", "-c", "sleep 2"]},
+                    {"name": "second", "image": busybox(), "command": ["sh", "-c", second]}
                 ],
-                "containers": [{"name": "app", "image": BUSYBOX, "command": ["sleep", "3600"]}]
+                "containers": [{"name": "app", "image": busybox(), "command": ["sleep", "3600"]}]
             }
         })
     };
@@ -378,14 +381,14 @@ async fn image_pull_secrets_authenticate_to_the_registry() -> Result<()> {
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(c.admin.clone(), "default");
     let cfg =
-        json!({"auths": {"127.0.0.1:5001": {"username": "oxlet", "password": "oxlet-secret"}}});
+        json!({"auths": {auth_registry(): {"username": "oxlet", "password": "oxlet-secret"}}});
     let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
         "metadata": {"name": "regcred"},
         "type": "kubernetes.io/dockerconfigjson",
         "stringData": {".dockerconfigjson": cfg.to_string()}
     }))?;
     secrets.create(&Default::default(), &secret).await?;
-    let private = "127.0.0.1:5001/test/busybox:latest";
+    let private = &format!("{}/test/busybox:latest", auth_registry());
     let mut with = pod("with", "Always", private, "sleep 3600");
     with["spec"]["imagePullSecrets"] = json!([{"name": "regcred"}]);
     c.create_pod(with).await?;
@@ -428,7 +431,8 @@ async fn pods_run_on_the_reference_bridge_plugin_too() -> Result<()> {
     c.start_agent().await?;
     let script =
         "mkdir -p /www && echo via-reference > /www/index.html && exec httpd -f -p 8080 -h /www";
-    c.create_pod(pod("ref", "Always", BUSYBOX, script)).await?;
+    c.create_pod(pod("ref", "Always", busybox(), script))
+        .await?;
     let p = c
         .wait_pod("ref", Duration::from_secs(60), "Running", |p| {
             phase(p) == "Running"
@@ -459,7 +463,7 @@ async fn pods_run_on_the_reference_bridge_plugin_too() -> Result<()> {
 async fn host_network_pods_get_the_node_ip_and_no_pod_network() -> Result<()> {
     let mut c = Cluster::new().await?;
     c.start_agent().await?;
-    let mut spec = pod("host", "Always", BUSYBOX, "sleep 3600");
+    let mut spec = pod("host", "Always", busybox(), "sleep 3600");
     spec["spec"]["hostNetwork"] = json!(true);
     c.create_pod(spec).await?;
     let p = c

@@ -78,7 +78,7 @@ async fn liveness_exec_probe_restarts_the_container_and_the_pod_stays_running() 
             "terminationGracePeriodSeconds": 2,
             "containers": [{
                 "name": "liveness",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "args": ["/bin/sh", "-c", "touch /tmp/healthy; sleep 3; rm -f /tmp/healthy; sleep 600"],
                 "livenessProbe": {
                     "exec": {"command": ["cat", "/tmp/healthy"]},
@@ -156,7 +156,7 @@ async fn http_readiness_probe_takes_the_pod_out_of_its_service_endpoints_and_bac
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "httpd",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sh", "-c", "mkdir -p /www && echo ok > /www/healthz && exec httpd -f -p 8080 -h /www"],
                 "ports": [{"name": "http", "containerPort": 8080}],
                 "readinessProbe": {
@@ -231,7 +231,7 @@ async fn startup_probe_holds_liveness_back_and_a_failed_one_kills() -> Result<()
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "app",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sh", "-c", "sleep 4; touch /tmp/up; sleep 600"],
                 "startupProbe": {"exec": {"command": ["cat", "/tmp/up"]}, "periodSeconds": 1, "failureThreshold": 30},
                 "livenessProbe": {"exec": {"command": ["cat", "/tmp/up"]}, "periodSeconds": 1, "failureThreshold": 1},
@@ -246,7 +246,7 @@ async fn startup_probe_holds_liveness_back_and_a_failed_one_kills() -> Result<()
             "restartPolicy": "Never",
             "containers": [{
                 "name": "app",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sleep", "600"],
                 "startupProbe": {"tcpSocket": {"port": 9999}, "periodSeconds": 1, "failureThreshold": 2},
             }]
@@ -317,13 +317,13 @@ async fn tcp_socket_readiness_per_container() -> Result<()> {
             "containers": [
                 {
                     "name": "open",
-                    "image": BUSYBOX,
+                    "image": busybox(),
                     "command": ["sh", "-c", "mkdir -p /www && exec httpd -f -p 8080 -h /www"],
                     "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
                 },
                 {
                     "name": "closed",
-                    "image": BUSYBOX,
+                    "image": busybox(),
                     "command": ["sleep", "600"],
                     "readinessProbe": {"tcpSocket": {"port": 9999}, "periodSeconds": 1},
                 },
@@ -402,7 +402,7 @@ async fn hooks_run_and_grace_periods_are_honoured() -> Result<()> {
                 "terminationGracePeriodSeconds": grace,
                 "containers": [{
                     "name": "app",
-                    "image": BUSYBOX,
+                    "image": busybox(),
                     "command": ["sh", "-c", "while true; do sleep 0.2; done"],
                     "lifecycle": {"preStop": pre_stop},
                 }]
@@ -427,7 +427,7 @@ async fn hooks_run_and_grace_periods_are_honoured() -> Result<()> {
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "app",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sleep", "600"],
                 "lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", "echo nope; exit 3"]}}},
             }]
@@ -447,7 +447,7 @@ async fn hooks_run_and_grace_periods_are_honoured() -> Result<()> {
             "terminationGracePeriodSeconds": 10,
             "containers": [{
                 "name": "app",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sh", "-c", format!("trap 'wget -q -O- http://{gw}:{port}/term; exit 0' TERM; while true; do sleep 0.2; done")],
                 "lifecycle": {
                     "postStart": {"exec": {"command": ["sh", "-c", "echo from-post-start > /tmp/hook"]}},
@@ -514,7 +514,7 @@ async fn termination_messages_from_the_file_or_the_log() -> Result<()> {
     let mut c = Cluster::new().await?;
     c.start_agent().await?;
     let ct = |name: &str, script: &str, extra: serde_json::Value| {
-        let mut v = json!({"name": name, "image": BUSYBOX, "command": ["sh", "-c", script]});
+        let mut v = json!({"name": name, "image": busybox(), "command": ["sh", "-c", script]});
         v.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
@@ -620,7 +620,7 @@ async fn grpc_readiness_probe_of_a_host_network_pod() -> Result<()> {
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "app",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sleep", "600"],
                 "readinessProbe": {"grpc": {"port": addr.port()}, "periodSeconds": 1, "failureThreshold": 1},
             }]
@@ -658,7 +658,7 @@ async fn probes_go_on_after_an_agent_restart() -> Result<()> {
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "app",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["sh", "-c", "touch /tmp/ok; sleep 600"],
                 "startupProbe": {"exec": {"command": ["cat", "/tmp/ok"]}, "periodSeconds": 1},
                 "readinessProbe": {"exec": {"command": ["cat", "/tmp/ok"]}, "periodSeconds": 1, "failureThreshold": 1},

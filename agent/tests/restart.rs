@@ -14,7 +14,7 @@ fn sleeper(name: &str) -> serde_json::Value {
         "metadata": {"name": name},
         "spec": {
             "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "c", "image": BUSYBOX, "command": ["sleep", "3600"]}]
+            "containers": [{"name": "c", "image": busybox(), "command": ["sleep", "3600"]}]
         }
     })
 }

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 
-const BUSYBOX: &str = "127.0.0.1:5000/test/busybox:latest";
+use oxlet_tests::testbed::busybox;
 const PODS: usize = 50;
 
 fn sh(cmd: &str) -> String {
@@ -222,7 +222,7 @@ async fn agent_killed_mid_burst_restarts_without_leaks_or_restarts() -> Result<(
             "spec": {
                 "nodeName": node.name,
                 "terminationGracePeriodSeconds": 1,
-                "containers": [{"name": "c", "image": BUSYBOX, "command": ["sleep", "3600"]}]
+                "containers": [{"name": "c", "image": busybox(), "command": ["sleep", "3600"]}]
             }
         }))
         .expect("pod");
@@ -285,7 +285,10 @@ async fn agent_killed_mid_burst_restarts_without_leaks_or_restarts() -> Result<(
         },
     )
     .await
-    .with_context(|| format!("footprint {:?}", node.footprint()))?;
+    .with_context(|| {
+        let shims = sh("ps -eo pid,ppid,stat,etimes,args | grep [o]xlet-shim");
+        format!("footprint {:?}\n{shims}", node.footprint())
+    })?;
     let (_, _, records, sandboxes, _) = node.footprint();
     for uid in &deleted_uids {
         assert!(

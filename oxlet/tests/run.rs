@@ -2,7 +2,7 @@
 
 use std::process::{Command, Output};
 
-const BUSYBOX: &str = "127.0.0.1:5000/test/busybox:latest";
+use oxlet_tests::testbed::{busybox, image};
 
 fn oxlet(data: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_oxlet"))
@@ -17,7 +17,7 @@ fn run(data: &std::path::Path, extra: &[&str], script: &str) -> Output {
     let state = data.join("state");
     let mut args = vec!["run", "--state-root", state.to_str().unwrap()];
     args.extend_from_slice(extra);
-    args.extend_from_slice(&[BUSYBOX, "--", "sh", "-c", script]);
+    args.extend_from_slice(&[busybox(), "--", "sh", "-c", script]);
     oxlet(data, &args)
 }
 
@@ -117,12 +117,12 @@ fn bad_images_give_kubelet_reasons() {
         String::from_utf8_lossy(&out.stderr).contains("InvalidImageName"),
         "{out:?}"
     );
-    let out = oxlet(data.path(), &["run", "127.0.0.1:5000/test/missing:latest"]);
+    let out = oxlet(data.path(), &["run", &image("test/missing:latest")]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ErrImagePull"),
         "{out:?}"
     );
-    let out = oxlet(data.path(), &["run", "--pull", "Never", BUSYBOX]);
+    let out = oxlet(data.path(), &["run", "--pull", "Never", busybox()]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ErrImageNeverPull"),
         "{out:?}"
@@ -141,7 +141,7 @@ fn sigterm_is_passed_to_the_container_and_cleaned_up() {
             "run",
             "--state-root",
             state.to_str().unwrap(),
-            BUSYBOX,
+            busybox(),
             "--",
             "sh",
             "-c",

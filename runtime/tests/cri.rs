@@ -94,7 +94,7 @@ impl Drop for Pod {
     }
 }
 
-const BUSYBOX: &str = "127.0.0.1:5000/test/busybox:latest";
+use oxlet_tests::testbed::{busybox, image};
 
 #[test]
 fn image_entrypoint_user_env_and_workdir() {
@@ -103,9 +103,7 @@ fn image_entrypoint_user_env_and_workdir() {
         name: "e".into(),
         ..Default::default()
     };
-    let (code, out) = pod
-        .run("127.0.0.1:5000/test/entrypoint:latest", &c)
-        .unwrap();
+    let (code, out) = pod.run(&image("test/entrypoint:latest"), &c).unwrap();
     assert_eq!((code, out.as_str()), (0, "entry default-cmd\n"));
     let c = Container {
         name: "e".into(),
@@ -116,9 +114,7 @@ fn image_entrypoint_user_env_and_workdir() {
         ]),
         ..Default::default()
     };
-    let (code, out) = pod
-        .run("127.0.0.1:5000/test/entrypoint:latest", &c)
-        .unwrap();
+    let (code, out) = pod.run(&image("test/entrypoint:latest"), &c).unwrap();
     assert_eq!(
         (code, out.as_str()),
         (0, "1000\n1000\n/tmp\nfrom-image web-0\nweb-0\n")
@@ -132,7 +128,7 @@ fn layered_image_content_inside_the_container() {
         "l",
         "ls /data; ls /opaque; cat /data/symlink; stat -c %a /data/kept",
     );
-    let (code, out) = pod.run("127.0.0.1:5000/test/layers:latest", &c).unwrap();
+    let (code, out) = pod.run(&image("test/layers:latest"), &c).unwrap();
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out,
@@ -155,7 +151,7 @@ fn read_only_root_filesystem_and_capabilities() {
         }),
         ..Default::default()
     });
-    let (code, out) = pod.run(BUSYBOX, &c).unwrap();
+    let (code, out) = pod.run(busybox(), &c).unwrap();
     assert_eq!(code, 0);
     assert_eq!(out, "read-only\nCapEff:\t0000000000000000\n");
 }
@@ -168,7 +164,7 @@ fn config_errors_have_kubelet_reasons_and_leave_nothing() {
         run_as_non_root: Some(true),
         ..Default::default()
     });
-    let err = pod.run(BUSYBOX, &c).unwrap_err();
+    let err = pod.run(busybox(), &c).unwrap_err();
     assert_eq!(err.reason(), "CreateContainerConfigError", "{err}");
     let id = pod.containers.borrow().last().unwrap().clone();
     assert!(!pod.rt.paths().dir(&id).exists());
@@ -180,7 +176,7 @@ fn config_errors_have_kubelet_reasons_and_leave_nothing() {
 #[test]
 fn remove_leaves_no_mounts_state_or_cgroups() {
     let pod = Pod::new();
-    let (code, _) = pod.run(BUSYBOX, &sh("c", "exit 0")).unwrap();
+    let (code, _) = pod.run(busybox(), &sh("c", "exit 0")).unwrap();
     assert_eq!(code, 0);
     let id = pod.containers.borrow()[0].clone();
     assert!(matches!(
@@ -200,7 +196,7 @@ fn usage_of_a_running_container() {
     let pod = Pod::new();
     let id = unique("c");
     pod.containers.borrow_mut().push(id.clone());
-    let image = pod.image(BUSYBOX);
+    let image = pod.image(busybox());
     let sandbox = pod.rt.sandbox(&pod.sandbox).unwrap();
     // Holds 8 MiB in a tmpfs file (charged to the cgroup) and burns a little cpu.
     let c = sh("u", "head -c 8388608 /dev/zero > /dev/shm/fill; i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 1000");

@@ -1,5 +1,5 @@
 //! Image pulls, store, snapshots and rootfs mounts against the test bed registries
-//! (`tests/testbed/up`: 127.0.0.1:5000 open, 127.0.0.1:5001 basic auth). Runs as root.
+//! (`tests/testbed/up`: an open registry and one with basic auth). Runs as root.
 //!
 //! Every test has its own store in a temp dir and unmounts what it mounted in `Drop`, so a
 //! failing assertion leaves nothing mounted behind.
@@ -16,8 +16,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const REG: &str = "127.0.0.1:5000";
-const AUTH_REG: &str = "127.0.0.1:5001";
+use oxlet_tests::testbed::{auth_registry, busybox, image, registry};
 
 struct Env {
     tmp: tempfile::TempDir,
@@ -98,8 +97,8 @@ fn getxattr(p: &Path, name: &str) -> Option<Vec<u8>> {
 #[test]
 fn pull_busybox_verifies_digests_and_mounts_writable_rootfs() {
     let mut env = Env::new();
-    let img = pull(&env, &format!("{REG}/test/busybox")).unwrap();
-    assert_eq!(img.reference, format!("{REG}/test/busybox:latest"));
+    let img = pull(&env, &image("test/busybox")).unwrap();
+    assert_eq!(img.reference, image("test/busybox:latest"));
     assert!(img.digest.starts_with("sha256:") && img.digest.len() == 71);
     assert_eq!(img.digest, img.manifest_digest);
     // Every stored blob hashes to its name: manifest, config and the layer.
@@ -143,7 +142,7 @@ fn pull_busybox_verifies_digests_and_mounts_writable_rootfs() {
 #[test]
 fn layers_whiteouts_opaque_links_modes_owners_xattrs() {
     let mut env = Env::new();
-    let img = pull(&env, &format!("{REG}/test/layers:latest")).unwrap();
+    let img = pull(&env, &image("test/layers:latest")).unwrap();
     assert_eq!(img.layers.len(), 3);
     let r = env.mount(&img, "layers");
     let data = r.join("data");
@@ -208,9 +207,9 @@ fn layers_whiteouts_opaque_links_modes_owners_xattrs() {
 #[test]
 fn zstd_and_docker_media_types_share_the_busybox_snapshot() {
     let mut env = Env::new();
-    let gz = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
-    let zs = pull(&env, &format!("{REG}/test/busybox:zstd")).unwrap();
-    let dk = pull(&env, &format!("{REG}/test/busybox:docker")).unwrap();
+    let gz = pull(&env, &image("test/busybox:latest")).unwrap();
+    let zs = pull(&env, &image("test/busybox:zstd")).unwrap();
+    let dk = pull(&env, &image("test/busybox:docker")).unwrap();
     assert_eq!(
         zs.layers[0].media_type,
         "application/vnd.oci.image.layer.v1.tar+zstd"
@@ -236,32 +235,37 @@ fn zstd_and_docker_media_types_share_the_busybox_snapshot() {
 #[test]
 fn multiarch_index_picks_linux_amd64() {
     let env = Env::new();
-    let plain = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
-    let multi = pull(&env, &format!("{REG}/test/multiarch:latest")).unwrap();
+    let plain = pull(&env, &image("test/busybox:latest")).unwrap();
+    let multi = pull(&env, &image("test/multiarch:latest")).unwrap();
     assert_eq!(multi.config.architecture().to_string(), "amd64");
     assert_eq!(multi.manifest_digest, plain.digest);
     assert_ne!(multi.digest, multi.manifest_digest);
     assert_eq!(sha256_file(&blob(&env, &multi.digest)), multi.digest);
     assert_eq!(multi.layers, plain.layers);
     // Pull by the index digest gives the same image.
-    let by_digest = pull(&env, &format!("{REG}/test/multiarch@{}", multi.digest)).unwrap();
+    let by_digest = pull(
+        &env,
+        &format!("{}/test/multiarch@{}", registry(), multi.digest),
+    )
+    .unwrap();
     assert_eq!(by_digest.manifest_digest, plain.digest);
     assert_eq!(
         by_digest.reference,
-        format!("{REG}/test/multiarch@{}", multi.digest)
+        format!("{}/test/multiarch@{}", registry(), multi.digest)
     );
 }
 
 #[test]
 fn auth_registry_needs_credentials() {
     let env = Env::new();
-    let reference = format!("{AUTH_REG}/test/busybox:latest");
+    let reference = format!("{}/test/busybox:latest", auth_registry());
     let err = pull(&env, &reference).unwrap_err();
     assert_eq!(err.reason(), "ErrImagePull");
     assert!(err.to_string().contains("401"), "{err}");
 
     let json = format!(
-        r#"{{"auths":{{"{AUTH_REG}":{{"auth":"{}"}}}}}}"#,
+        r#"{{"auths":{{"{}":{{"auth":"{}"}}}}}}"#,
+        auth_registry(),
         "b3hsZXQ6b3hsZXQtc2VjcmV0" // base64("oxlet:oxlet-secret")
     );
     let opts = PullOptions {
@@ -273,7 +277,7 @@ fn auth_registry_needs_credentials() {
 
     let mut wrong = DockerConfig::default();
     wrong.insert(
-        AUTH_REG,
+        auth_registry(),
         Credentials {
             username: "oxlet".into(),
             password: "wrong".into(),
@@ -300,31 +304,30 @@ fn errors_carry_kubelet_reasons() {
     let e = ensure("UPPER/case:bad", PullPolicy::IfNotPresent).unwrap_err();
     assert_eq!(e.reason(), "InvalidImageName");
 
-    let e = ensure(&format!("{REG}/test/nope:latest"), PullPolicy::Always).unwrap_err();
+    let e = ensure(&image("test/nope:latest"), PullPolicy::Always).unwrap_err();
     assert_eq!(e.reason(), "ErrImagePull");
     assert_eq!(
         e.to_string(),
-        format!("pull {REG}/test/nope:latest: manifest unknown (404)")
+        format!(
+            "pull {}/test/nope:latest: manifest unknown (404)",
+            registry()
+        )
     );
 
     let e = ensure("127.0.0.1:1/test/busybox:latest", PullPolicy::IfNotPresent).unwrap_err();
     assert_eq!(e.reason(), "ErrImagePull");
     assert!(e.to_string().contains("cannot connect"), "{e}");
 
-    let e = ensure(&format!("{REG}/test/busybox:latest"), PullPolicy::Never).unwrap_err();
+    let e = ensure(&image("test/busybox:latest"), PullPolicy::Never).unwrap_err();
     assert_eq!(e.reason(), "ErrImageNeverPull");
 
-    let e = ensure(
-        &format!("{REG}/test/corrupt:latest"),
-        PullPolicy::IfNotPresent,
-    )
-    .unwrap_err();
+    let e = ensure(&image("test/corrupt:latest"), PullPolicy::IfNotPresent).unwrap_err();
     assert_eq!(e.reason(), "ImageInspectError");
     assert!(env.store.list().unwrap().is_empty());
 
     // A pinned digest the registry does not have is a pull error too.
     let e = ensure(
-        &format!("{REG}/test/busybox@sha256:{}", "0".repeat(64)),
+        &format!("{}/test/busybox@sha256:{}", registry(), "0".repeat(64)),
         PullPolicy::IfNotPresent,
     )
     .unwrap_err();
@@ -336,7 +339,7 @@ fn policies_and_records_survive_reopen() {
     let env = Env::new();
     let rt = rt();
     let opts = PullOptions::default();
-    let reference = format!("{REG}/test/entrypoint");
+    let reference = image("test/entrypoint");
     let pulled = rt
         .block_on(
             env.store
@@ -356,11 +359,11 @@ fn policies_and_records_survive_reopen() {
         .block_on(again.ensure(&reference, PullPolicy::Never, &opts))
         .unwrap();
     assert_eq!(got.digest, pulled.digest);
-    assert_eq!(got.reference, format!("{REG}/test/entrypoint:latest"));
+    assert_eq!(got.reference, image("test/entrypoint:latest"));
     let listed = again.list().unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].size, pulled.size);
-    assert!(again.get(&format!("{REG}/test/other")).unwrap().is_none());
+    assert!(again.get(&image("test/other")).unwrap().is_none());
     // Always re-contacts the registry and gives the same digest.
     let always = rt
         .block_on(again.ensure(&reference, PullPolicy::Always, &opts))
@@ -371,8 +374,8 @@ fn policies_and_records_survive_reopen() {
 #[test]
 fn shared_layers_stored_once_and_remove_collects_garbage() {
     let mut env = Env::new();
-    let bb = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
-    let layers = pull(&env, &format!("{REG}/test/layers:latest")).unwrap();
+    let bb = pull(&env, &image("test/busybox:latest")).unwrap();
+    let layers = pull(&env, &image("test/layers:latest")).unwrap();
     assert_eq!(layers.layers[0], bb.layers[0]);
     // busybox: manifest, config, layer; layers: manifest, config, 2 more layers.
     assert_eq!(env.count("blobs/sha256"), 7);
@@ -380,15 +383,10 @@ fn shared_layers_stored_once_and_remove_collects_garbage() {
 
     // A mounted image keeps its content even after its tag is removed.
     let rootfs = env.mount(&layers, "user");
-    env.store
-        .remove(&format!("{REG}/test/layers:latest"))
-        .unwrap();
+    env.store.remove(&image("test/layers:latest")).unwrap();
     assert_eq!(env.count("blobs/sha256"), 7);
     assert!(rootfs.join("data/added").is_file());
-    let err = env
-        .store
-        .remove(&format!("{REG}/test/layers:latest"))
-        .unwrap_err();
+    let err = env.store.remove(&image("test/layers:latest")).unwrap_err();
     assert_eq!(err.reason(), "ImageNotFound");
 
     unmount_rootfs(rootfs.parent().unwrap()).unwrap();
@@ -400,7 +398,7 @@ fn shared_layers_stored_once_and_remove_collects_garbage() {
     assert!(r.join("bin/busybox").is_file());
     unmount_rootfs(r.parent().unwrap()).unwrap();
 
-    env.store.remove(&format!("{REG}/test/busybox")).unwrap();
+    env.store.remove(&image("test/busybox")).unwrap();
     assert_eq!(env.count("blobs/sha256"), 0);
     assert_eq!(env.count("snapshots"), 0);
     assert!(env.store.list().unwrap().is_empty());
@@ -411,7 +409,7 @@ fn concurrent_pulls_of_one_image_are_safe() {
     let env = Env::new();
     let rt = rt();
     let opts = PullOptions::default();
-    let reference = format!("{REG}/test/layers:latest");
+    let reference = image("test/layers:latest");
     let (a, b) = rt.block_on(async {
         tokio::join!(
             env.store.pull(&reference, &opts),
@@ -428,7 +426,7 @@ fn concurrent_pulls_of_one_image_are_safe() {
 fn skopeo(dest: &str) {
     let st = Command::new("skopeo")
         .args(["copy", "-q", "--src-tls-verify=false"])
-        .arg(format!("docker://{REG}/test/layers:latest"))
+        .arg(format!("docker://{}", image("test/layers:latest")))
         .arg(dest)
         .status()
         .expect("skopeo");
@@ -443,12 +441,13 @@ fn import_oci_and_docker_archives() {
 
     let oci = dir.join("layers-oci.tar");
     skopeo(&format!(
-        "oci-archive:{}:{REG}/test/imported:v1",
-        oci.display()
+        "oci-archive:{}:{}",
+        oci.display(),
+        image("test/imported:v1")
     ));
     let imgs = rt.block_on(env.store.import(&oci)).unwrap();
     assert_eq!(imgs.len(), 1);
-    assert_eq!(imgs[0].reference, format!("{REG}/test/imported:v1"));
+    assert_eq!(imgs[0].reference, image("test/imported:v1"));
     assert_eq!(imgs[0].layers.len(), 3);
     let r = env.mount(&imgs[0], "oci");
     assert!(r.join("opaque/new").is_file());
@@ -675,12 +674,13 @@ fn repull_of_a_moved_tag_collects_the_old_content() {
     // Plant test/layers' content under busybox's tag, as if the tag had moved since.
     let tarball = env.tmp.path().join("old.tar");
     skopeo(&format!(
-        "docker-archive:{}:{REG}/test/busybox:latest",
-        tarball.display()
+        "docker-archive:{}:{}",
+        tarball.display(),
+        busybox()
     ));
     rt.block_on(env.store.import(&tarball)).unwrap();
     assert_eq!(env.count("snapshots"), 3);
-    let img = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
+    let img = pull(&env, &image("test/busybox:latest")).unwrap();
     assert_eq!(img.layers.len(), 1);
     assert_eq!(env.count("snapshots"), 1);
     assert_eq!(env.count("blobs/sha256"), 3);
@@ -689,7 +689,7 @@ fn repull_of_a_moved_tag_collects_the_old_content() {
 #[test]
 fn too_many_layers_for_one_overlay_mount_is_a_clear_error() {
     let mut env = Env::new();
-    let mut img = pull(&env, &format!("{REG}/test/busybox:latest")).unwrap();
+    let mut img = pull(&env, &image("test/busybox:latest")).unwrap();
     let one = img.layers[0].clone();
     img.layers = vec![one; 200];
     let dir = env.tmp.path().join("containers/many");
@@ -698,4 +698,41 @@ fn too_many_layers_for_one_overlay_mount_is_a_clear_error() {
     assert_eq!(e.reason(), "CreateContainerError");
     assert!(e.to_string().contains("200 layers"), "{e}");
     assert!(!dir.join(".oxlet-image.json").exists());
+}
+
+#[test]
+fn image_gc_removes_unused_images_least_recently_used_first() {
+    use runtime::image::gc::{GcError, ImageGc, Policy};
+    let mut env = Env::new();
+    let busybox = busybox();
+    let (layers, docker) = (image("test/layers:latest"), image("test/busybox:docker"));
+    let img = pull(&env, busybox).unwrap();
+    pull(&env, &layers).unwrap();
+    pull(&env, &docker).unwrap();
+    env.mount(&img, "c1");
+    let never = Policy {
+        high_threshold_percent: 100,
+        low_threshold_percent: 0,
+        min_age: std::time::Duration::ZERO,
+    };
+    let mut gc = ImageGc::new(env.store.clone(), never).unwrap();
+    // A first look sees `layers` in use (a pod starting with it); nothing is removed.
+    let wanted: std::collections::HashSet<String> = [layers.clone()].into();
+    assert!(gc.run(&wanted).unwrap().removed.is_empty());
+    // Above the threshold now, with 0 % out of reach: every unused image goes, the one never
+    // used first; the mounted one stays.
+    gc.set_policy(Policy {
+        high_threshold_percent: 1,
+        ..never
+    })
+    .unwrap();
+    match gc.run(&Default::default()) {
+        Err(GcError::NotEnough { removed, .. }) => {
+            assert_eq!(removed, vec![docker.clone(), layers.clone()])
+        }
+        other => panic!("expected a shortfall after removing both, got {other:?}"),
+    }
+    assert!(env.store.get(busybox).unwrap().is_some());
+    assert!(env.store.get(&layers).unwrap().is_none());
+    assert!(env.store.get(&docker).unwrap().is_none());
 }

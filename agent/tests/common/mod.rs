@@ -16,7 +16,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const CLAIMS: &str = "/run/oxlet-agent-tests";
-pub const BUSYBOX: &str = "127.0.0.1:5000/test/busybox:latest";
+#[allow(unused_imports)]
+pub use oxlet_tests::testbed::{auth_registry, busybox, image, layers};
 
 pub fn sh(cmd: &str) -> String {
     let o = Command::new("sh")
@@ -154,7 +155,7 @@ impl Cluster {
         };
         c.cleanup_network();
         fs::create_dir_all(&c.cfg.cni_conf_dir)?;
-        let conf = serde_json::json!({
+        let mut conf = serde_json::json!({
             "cniVersion": version,
             "name": format!("oxat-{x}"),
             "plugins": [{
@@ -168,6 +169,10 @@ impl Cluster {
                 }
             }]
         });
+        if plugin == "oxlet-bridge" {
+            // As the agent's default configuration: hostPorts through the plugin.
+            conf["plugins"][0]["capabilities"] = serde_json::json!({"portMappings": true});
+        }
         fs::write(
             c.cfg.cni_conf_dir.join("10-test.conflist"),
             serde_json::to_vec(&conf)?,
@@ -303,7 +308,8 @@ impl Cluster {
     fn cleanup_network(&self) {
         let br = self.bridge();
         sh(&format!(
-            "for l in $(ip -o link show master {br} 2>/dev/null | awk -F': ' '{{print $2}}' | cut -d@ -f1); do ip link del $l; done; ip link del {br} 2>/dev/null; true"
+            "for l in $(ip -o link show master {br} 2>/dev/null | awk -F': ' '{{print $2}}' | cut -d@ -f1); do ip link del $l; done; ip link del {br} 2>/dev/null; nft delete table inet oxlet-hostport-oxat-{x} 2>/dev/null; true",
+            x = self.x
         ));
     }
 }

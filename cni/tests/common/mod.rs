@@ -220,6 +220,22 @@ impl Fixture {
         format!("oxlet-cni-{}", self.name)
     }
 
+    pub fn hostport_table(&self) -> String {
+        format!("oxlet-hostport-{}", self.name)
+    }
+
+    /// The network's hostPort table as `nft` lists it (empty when there is none).
+    pub fn hostport_rules(&self) -> String {
+        String::from_utf8_lossy(
+            &sh(&format!(
+                "nft list table inet {} 2>/dev/null",
+                self.hostport_table()
+            ))
+            .stdout,
+        )
+        .into_owned()
+    }
+
     pub fn table_exists(&self) -> bool {
         sh(&format!("nft list table inet {}", self.masq_table()))
             .status
@@ -230,7 +246,7 @@ impl Fixture {
         let _ = sh(&format!(
             "for n in $(ip netns list | awk '{{print $1}}' | grep '^oxt-{x}-'); do ip netns del $n; done; \
              for l in $(ip -o link show master {br} 2>/dev/null | awk -F': ' '{{print $2}}' | cut -d@ -f1); do ip link del $l; done; \
-             ip link del {br} 2>/dev/null; ip link del oxto{x} 2>/dev/null; nft delete table inet oxlet-cni-{name} 2>/dev/null; nft delete table ip oxt-hp-{x} 2>/dev/null; true",
+             ip link del {br} 2>/dev/null; ip link del oxto{x} 2>/dev/null; nft delete table inet oxlet-cni-{name} 2>/dev/null; nft delete table inet oxlet-hostport-{name} 2>/dev/null; nft delete table ip oxt-hp-{x} 2>/dev/null; true",
             x = self.x,
             br = self.bridge,
             name = self.name
