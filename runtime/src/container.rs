@@ -265,13 +265,32 @@ pub fn state(paths: &Paths, id: &str) -> Result<State> {
             ContainerStatus::Running | ContainerStatus::Paused => State::Running {
                 pid: c.pid().map(|p| p.as_raw()).unwrap_or(0),
             },
+            // No pid yet: libcontainer's state of a container still being built.
+            ContainerStatus::Stopped if c.pid().is_none() && never_started(paths, id) => {
+                State::Created
+            }
             ContainerStatus::Stopped => State::Exited(stopped_exit(paths, id)),
         }),
-        // No libcontainer state and no exit record: the machine rebooted or the shim died
-        // before it could write; the process is gone.
+        // No state and never started: its shim is building it, or was killed before it
+        // could (its caller killed mid-create). Created, so the caller makes it again.
+        Err(Error::NotFound(_)) if never_started(paths, id) => Ok(State::Created),
+        // It ran, but nothing of it is left (the machine rebooted, or the shim was killed).
         Err(Error::NotFound(_)) => Ok(State::Exited(lost_exit())),
         Err(e) => Err(e),
     }
+}
+
+fn never_started(paths: &Paths, id: &str) -> bool {
+    !paths.dir(id).join("started_at").exists()
+}
+
+/// True while container `id` has no process yet: no libcontainer state, or one without a pid.
+fn building(paths: &Paths, id: &str) -> bool {
+    let root = paths.state_root.join(id);
+    if !root.join("state.json").exists() {
+        return true;
+    }
+    Container::load(root).is_ok_and(|c| c.pid().is_none())
 }
 
 /// The exit of a container whose process is gone: its shim's record, or, when the shim was
@@ -324,6 +343,11 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
         Err(Error::NotFound(_)) => return Ok(exit_info(paths, id).unwrap_or_else(lost_exit)),
         Err(e) => return Err(e),
     };
+    if c.pid().is_none() {
+        // Never got a process: what is building it goes, and nothing ran to report.
+        kill_building_shim(paths, id);
+        return Ok(exit_info(paths, id).unwrap_or_else(lost_exit));
+    }
     if c.status() == ContainerStatus::Stopped {
         return Ok(stopped_exit(paths, id));
     }
@@ -349,8 +373,12 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
 pub fn delete(paths: &Paths, id: &str) -> Result<()> {
     valid_id(id)?;
     let root = paths.state_root.join(id);
+    let building = exit_info(paths, id).is_none() && building(paths, id);
+    if building {
+        kill_building_shim(paths, id);
+    }
     if root.join("state.json").exists() {
-        if exit_info(paths, id).is_none() && paths.dir(id).exists() {
+        if !building && exit_info(paths, id).is_none() && paths.dir(id).exists() {
             stop(paths, id, Duration::ZERO)?;
         }
         let mut c = Container::load(root.clone()).map_err(lc_err(id))?;
@@ -362,6 +390,50 @@ pub fn delete(paths: &Paths, id: &str) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err(id, "remove state")(e)),
+    }
+}
+
+/// Kills whatever still builds container `id` (its caller was killed during `create`): the
+/// shim and the container's init waiting for its start, which leads a session of its own so
+/// the shim's process group does not hold it. With no process recorded in any state, nothing
+/// else would ever end them. They are found by their command line: until the container
+/// starts, the init is a clone of the shim. Then the container's cgroup goes too.
+fn kill_building_shim(paths: &Paths, id: &str) {
+    let root = paths.state_root.display().to_string();
+    let ours = || -> Vec<Pid> {
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                    let flag = |k: &[u8], v: &[u8]| args.windows(2).any(|w| w[0] == k && w[1] == v);
+                    args.first().is_some_and(|a| a.ends_with(b"oxlet-shim"))
+                        && args.get(1) == Some(&&b"create"[..])
+                        && flag(b"--id", id.as_bytes())
+                        && flag(b"--root", root.as_bytes())
+                })
+            })
+            .map(Pid::from_raw)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pids = ours();
+        if pids.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(cgroup) = cgroups_path(&paths.dir(id)) {
+        if let Err(e) = crate::cgroup::remove_cgroup(&cgroup) {
+            tracing::warn!(container = id, error = %e, "remove the cgroup of a container never started");
+        }
     }
 }
 

@@ -50,6 +50,12 @@ pub fn main(args: Vec<String>) -> i32 {
         return 2;
     };
     let (f, rest) = flags(&args[1..]);
+    if verb == "create" || verb == "pause" {
+        // A shim outlives whoever started it: descriptors it inherited by accident (a lock
+        // file its starter's starter held) must not stay open for the container's life.
+        // SAFETY: nothing of this process is open above stderr yet.
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    }
     match verb.as_str() {
         "create" => create(&f),
         "exec" => exec(&f, rest),

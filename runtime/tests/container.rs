@@ -450,3 +450,68 @@ fn pod_cgroups_follow_qos() {
     runtime::cgroup::remove_pod_cgroup(&path).unwrap();
     assert!(!cpu.exists() && !mem.exists());
 }
+
+/// A caller killed while its shim was still building the container leaves no state behind:
+/// the container shows as created (it never ran), and `delete` must end that shim, or it
+/// would finish a container no one owns.
+#[test]
+fn delete_ends_a_shim_still_building_the_container() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let b = Bundle::new(&env, &sh("c", "true"), Namespaces::default(), &cg.0);
+    // Opening a FIFO for writing blocks until a reader comes: the shim stalls before building.
+    let log = env.tmp.path().join(format!("{}.fifo", b.id));
+    nix::unistd::mkfifo(&log, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut first = std::process::Command::new(&env.paths.shim)
+        .args(["create", "--id", &b.id, "--bundle"])
+        .arg(env.paths.dir(&b.id))
+        .arg("--root")
+        .arg(&env.paths.state_root)
+        .arg("--log")
+        .arg(&log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    first.wait().unwrap();
+    // The forked shim, found as delete finds it: by its command line.
+    let shim = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&b.id))
+            })
+    };
+    let t = Instant::now();
+    let pid = loop {
+        if let Some(pid) = shim() {
+            break pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no shim");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Never started: the caller makes it again rather than counting an exit.
+    assert_eq!(
+        container::state(&env.paths, &b.id).unwrap(),
+        container::State::Created
+    );
+    let alive = || std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty());
+    assert!(alive(), "the shim waits on its log");
+    // Should the assertion below fail, the shim goes anyway.
+    struct Kill(i32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let _kill = Kill(pid);
+    container::delete(&env.paths, &b.id).unwrap();
+    assert!(!alive(), "delete left the building shim running");
+    assert!(!env.paths.state_root.join(&b.id).exists());
+}
