@@ -22,6 +22,7 @@
 //! - `lock`: shared by pulls and mounts, exclusive for garbage collection.
 
 mod auth;
+pub mod gc;
 mod import;
 mod media;
 mod mount;

@@ -191,6 +191,17 @@ impl ImageStore {
         self.gc_locked()
     }
 
+    /// The references of the images some container's rootfs is made from (its in-use marker
+    /// is there and its container dir still points back at it).
+    pub fn references_in_use(&self) -> Result<HashSet<String>> {
+        Ok(self
+            .markers()?
+            .into_iter()
+            .filter(|(_, m)| m.container_dir.join(CONTAINER_LINK).exists())
+            .map(|(_, m)| m.reference)
+            .collect())
+    }
+
     /// Deletes blobs, snapshots and temp files not referenced by any image or mounted container.
     pub fn gc(&self) -> Result<()> {
         let _lock = self.lock(true)?;
