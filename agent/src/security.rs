@@ -126,6 +126,43 @@ pub fn fs_group(pod: &Pod) -> Option<u32> {
     u32::try_from(g).ok()
 }
 
+/// Whether a volume root already looks handed to `gid` (kubelet's fsGroupChangePolicy
+/// OnRootMismatch test): group `gid`, the group bits kubelet sets, set-group-id.
+pub fn root_matches(dir: &Path, gid: u32, read_only: bool) -> bool {
+    let Ok(md) = std::fs::metadata(dir) else {
+        return false;
+    };
+    let want = (if read_only { 0o440 } else { 0o660 }) | 0o110;
+    md.is_dir() && md.gid() == gid && md.mode() & want == want && md.mode() & 0o2000 != 0
+}
+
+/// The pod's fsGroupChangePolicy (Always when unset).
+pub fn fs_group_change_policy(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .security_context
+        .as_ref()?
+        .fs_group_change_policy
+        .clone()
+}
+
+/// Applies fsGroup `gid` to a volume directory (blocking): every time, or with
+/// fsGroupChangePolicy OnRootMismatch only when the root does not look done already.
+pub fn apply_fs_group(
+    dir: &Path,
+    gid: Option<u32>,
+    policy: Option<&str>,
+    read_only: bool,
+) -> std::io::Result<()> {
+    let Some(gid) = gid else {
+        return Ok(());
+    };
+    if policy == Some("OnRootMismatch") && root_matches(dir, gid, read_only) {
+        return Ok(());
+    }
+    set_volume_ownership(dir, gid, read_only)
+}
+
 /// Gives a volume's files to `gid` as kubelet's SetVolumeOwnership does: group `gid`, group
 /// read-write (read-only with `read_only`), set-group-id directories so new files inherit the
 /// group (blocking). Symlinks are left alone.
@@ -241,5 +278,24 @@ mod tests {
         assert_eq!((f.gid(), f.mode() & 0o777), (4321, 0o660));
         let s = std::fs::metadata(d.path().join("sub")).unwrap();
         assert_eq!(s.mode() & 0o2000, 0o2000);
+        assert!(root_matches(d.path(), 4321, false));
+        assert!(!root_matches(d.path(), 4322, false));
+    }
+
+    #[test]
+    fn on_root_mismatch_skips_a_root_already_handed_over() {
+        let d = tempfile::tempdir().unwrap();
+        let on_mismatch = Some("OnRootMismatch");
+        apply_fs_group(d.path(), Some(4321), on_mismatch, false).unwrap();
+        // A file added later is left as it is while the root matches.
+        std::fs::write(d.path().join("late"), "x").unwrap();
+        std::os::unix::fs::lchown(d.path().join("late"), None, Some(0)).unwrap();
+        apply_fs_group(d.path(), Some(4321), on_mismatch, false).unwrap();
+        assert_eq!(std::fs::metadata(d.path().join("late")).unwrap().gid(), 0);
+        apply_fs_group(d.path(), Some(4321), None, false).unwrap();
+        assert_eq!(
+            std::fs::metadata(d.path().join("late")).unwrap().gid(),
+            4321
+        );
     }
 }

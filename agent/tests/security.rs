@@ -32,7 +32,7 @@ fn log(c: &Cluster, p: &Pod, name: &str) -> Result<String> {
 }
 
 fn ct(name: &str, script: &str, extra: serde_json::Value) -> serde_json::Value {
-    let mut v = json!({"name": name, "image": BUSYBOX, "command": ["sh", "-c", script]});
+    let mut v = json!({"name": name, "image": busybox(), "command": ["sh", "-c", script]});
     v.as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
@@ -130,6 +130,74 @@ async fn users_groups_and_run_as_non_root() -> Result<()> {
     )
     .await
     .map(|p| assert_eq!(phase(&p), "Succeeded"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fs_group_owns_the_volumes_and_is_among_the_container_groups() -> Result<()> {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    use kube::api::{Api, PostParams};
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(c.admin.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            json!({"metadata": {"name": "fsg-cm"}, "data": {"key": "from-cm"}}),
+        )?,
+    )
+    .await?;
+    let secrets: Api<Secret> = Api::namespaced(c.admin.clone(), "default");
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "fsg-secret"}, "stringData": {"key": "from-secret"}}),
+            )?,
+        )
+        .await?;
+    // Owner-only secret files are still readable by the (non-root) user through the group.
+    let script = "id; for f in /scratch /cm/key /sec/key /info/labels /proj/key; do stat -L -c \"$f %g %a\" $f; done; \
+                  touch /scratch/new && stat -c \"new %g\" /scratch/new; cat /sec/key; echo";
+    let p = run_pod(
+        &c,
+        json!({
+            "metadata": {"name": "fsg", "labels": {"app": "fsg"}},
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": {"runAsUser": 1000, "runAsGroup": 3000, "fsGroup": 2345},
+                "containers": [ct("c", script, json!({"volumeMounts": [
+                    {"name": "scratch", "mountPath": "/scratch"},
+                    {"name": "cm", "mountPath": "/cm"},
+                    {"name": "sec", "mountPath": "/sec"},
+                    {"name": "info", "mountPath": "/info"},
+                    {"name": "proj", "mountPath": "/proj"}
+                ]}))],
+                "volumes": [
+                    {"name": "scratch", "emptyDir": {}},
+                    {"name": "cm", "configMap": {"name": "fsg-cm"}},
+                    {"name": "sec", "secret": {"secretName": "fsg-secret", "defaultMode": 256}},
+                    {"name": "info", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+                    {"name": "proj", "projected": {"sources": [{"configMap": {"name": "fsg-cm"}}]}}
+                ]
+            }
+        }),
+    )
+    .await?;
+    let out = log(&c, &p, "c")?;
+    assert_eq!(phase(&p), "Succeeded", "{out}");
+    let groups = out.split("groups=").nth(1).unwrap_or_default();
+    assert!(groups.contains("2345"), "{out}");
+    assert!(out.contains("/scratch 2345 2777"), "{out}");
+    assert!(out.contains("/cm/key 2345 644"), "{out}");
+    assert!(out.contains("/sec/key 2345 440"), "{out}");
+    assert!(out.contains("/info/labels 2345 644"), "{out}");
+    assert!(out.contains("/proj/key 2345 644"), "{out}");
+    assert!(
+        out.contains("new 2345"),
+        "new files inherit the group: {out}"
+    );
+    assert!(out.contains("from-secret"), "{out}");
     Ok(())
 }
 
@@ -372,7 +440,7 @@ async fn a_container_over_its_memory_limit_is_oom_killed_and_restarted() -> Resu
             "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "memory-demo-ctr",
-                "image": BUSYBOX,
+                "image": busybox(),
                 "command": ["tail", "/dev/zero"],
                 "resources": {"limits": {"memory": "20Mi"}, "requests": {"memory": "10Mi"}},
             }]

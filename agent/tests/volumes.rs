@@ -68,7 +68,7 @@ spec:
           name: pass
 "#
     .replace("NODE", &c.node)
-    .replace("IMAGE", BUSYBOX);
+    .replace("IMAGE", busybox());
     c.kubectl(33, &["apply", "-f", "-"], Some(&manifest))?;
     let p = c
         .wait_pod(
@@ -152,7 +152,7 @@ spec:
     c.create_pod(json!({
         "metadata": {"name": "orphan"},
         "spec": {"terminationGracePeriodSeconds": 1, "containers": [
-            {"name": "c", "image": BUSYBOX, "command": ["sleep", "3600"]}]}
+            {"name": "c", "image": busybox(), "command": ["sleep", "3600"]}]}
     }))
     .await?;
     let p = c
@@ -230,7 +230,7 @@ spec:
               divisor: 1m
 "#
     .replace("NODE", &c.node)
-    .replace("IMAGE", BUSYBOX);
+    .replace("IMAGE", busybox());
     c.kubectl(27, &["apply", "-f", "-"], Some(&manifest))?;
     let name = "kubernetes-downwardapi-volume-example";
     let p = c
@@ -295,7 +295,7 @@ async fn config_map_as_directory_is_refreshed_and_as_sub_path_is_not() -> Result
         "metadata": {"name": "nginx"},
         "spec": {
             "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "nginx", "image": BUSYBOX,
+            "containers": [{"name": "nginx", "image": busybox(),
                 "command": ["sh", "-c", "stat -L -c '%a %n' /etc/tls/* /etc/nginx/conf.d/*; while true; do echo dir: $(cat /etc/nginx/conf.d/nginx.conf); echo file: $(cat /etc/nginx/nginx.conf); sleep 1; done"],
                 "volumeMounts": [
                     {"name": "conf", "mountPath": "/etc/nginx/conf.d"},
@@ -366,7 +366,7 @@ async fn host_path_checks_empty_dir_on_tmpfs_and_mount_failures() -> Result<()> 
     c.create_pod(json!({
         "metadata": {"name": "wrong-type"},
         "spec": {"terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "c", "image": BUSYBOX, "command": ["sleep", "3600"],
+            "containers": [{"name": "c", "image": busybox(), "command": ["sleep", "3600"],
                 "volumeMounts": [{"name": "host", "mountPath": "/host"}]}],
             "volumes": [{"name": "host", "hostPath": {"path": file, "type": "Directory"}}]}
     }))
@@ -374,7 +374,7 @@ async fn host_path_checks_empty_dir_on_tmpfs_and_mount_failures() -> Result<()> 
     c.create_pod(json!({
         "metadata": {"name": "no-config"},
         "spec": {"terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "c", "image": BUSYBOX, "command": ["sh", "-c", "cat /cfg/k; echo; sleep 3600"],
+            "containers": [{"name": "c", "image": busybox(), "command": ["sh", "-c", "cat /cfg/k; echo; sleep 3600"],
                 "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}],
             "volumes": [{"name": "cfg", "configMap": {"name": "arrives-later"}}]}
     }))
@@ -382,7 +382,7 @@ async fn host_path_checks_empty_dir_on_tmpfs_and_mount_failures() -> Result<()> 
     c.create_pod(json!({
         "metadata": {"name": "scratch"},
         "spec": {"terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "c", "image": BUSYBOX,
+            "containers": [{"name": "c", "image": busybox(),
                 "command": ["sh", "-c", "echo hi > /made/out; echo per-pod > /logs/f; dd if=/dev/zero of=/cache/big bs=1M count=20 2>/dev/null || echo cache-full; echo done; sleep 3600"],
                 "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
                 "volumeMounts": [
@@ -469,5 +469,86 @@ async fn host_path_checks_empty_dir_on_tmpfs_and_mount_failures() -> Result<()> 
         l.contains("v1")
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_propagation_bidirectional_host_to_container_and_none() -> Result<()> {
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    let wait_marker = "while [ ! -e MNT/marker ]; do sleep 0.2; done";
+    // Each watcher says it runs before the mount is made: a mount that exists when a container
+    // starts is in its recursive bind whatever the propagation.
+    let watcher = |mnt: &str, me: &str| {
+        format!(
+            "touch {mnt}/ready-{me}; {}; cat {mnt}/inner/f 2>/dev/null || echo not-propagated; sleep 3600",
+            wait_marker.replace("MNT", mnt)
+        )
+    };
+    c.create_pod(json!({
+        "metadata": {"name": "propagation"},
+        "spec": {"terminationGracePeriodSeconds": 1,
+            "containers": [
+                {"name": "bi", "image": busybox(), "securityContext": {"privileged": true},
+                 "command": ["sh", "-c", "while [ ! -e /share/ready-h2c ] || [ ! -e /share/ready-none ]; do sleep 0.2; done; mkdir -p /share/inner && mount -t tmpfs tmpfs /share/inner && echo from-container > /share/inner/f && touch /share/marker; sleep 3600"],
+                 "volumeMounts": [{"name": "share", "mountPath": "/share", "mountPropagation": "Bidirectional"}]},
+                {"name": "h2c", "image": busybox(), "command": ["sh", "-c", watcher("/seen", "h2c")],
+                 "volumeMounts": [{"name": "share", "mountPath": "/seen", "mountPropagation": "HostToContainer"}]},
+                {"name": "none", "image": busybox(), "command": ["sh", "-c", watcher("/none", "none")],
+                 "volumeMounts": [{"name": "share", "mountPath": "/none", "mountPropagation": "None"}]}
+            ],
+            "volumes": [{"name": "share", "emptyDir": {}}]}
+    }))
+    .await?;
+    let p = c
+        .wait_pod("propagation", Duration::from_secs(60), "Running", running)
+        .await?;
+    let h2c = c
+        .wait_log("propagation", "h2c", Duration::from_secs(20), |l| {
+            l.contains("from-container") || l.contains("not-propagated")
+        })
+        .await?;
+    assert!(h2c.contains("from-container"), "HostToContainer: {h2c}");
+    let none = c
+        .wait_log("propagation", "none", Duration::from_secs(20), |l| {
+            l.contains("from-container") || l.contains("not-propagated")
+        })
+        .await?;
+    assert!(none.contains("not-propagated"), "None: {none}");
+    // The container's mount reached the node, below the volume.
+    let dir = c.pod_dir(&pod_uid(&p));
+    let inner = mounts_below(&dir)
+        .into_iter()
+        .find(|(m, _, _)| m.ends_with("kubernetes.io~empty-dir/share/inner"));
+    assert_eq!(inner.map(|m| m.1).as_deref(), Some("tmpfs"));
+
+    // Bidirectional needs a privileged container.
+    c.create_pod(json!({
+        "metadata": {"name": "bi-unprivileged"},
+        "spec": {"terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "c", "image": busybox(), "command": ["sleep", "3600"],
+                "volumeMounts": [{"name": "share", "mountPath": "/share", "mountPropagation": "Bidirectional"}]}],
+            "volumes": [{"name": "share", "emptyDir": {}}]}
+    }))
+    .await?;
+    let bad = c
+        .wait_pod(
+            "bi-unprivileged",
+            Duration::from_secs(30),
+            "CreateContainerConfigError",
+            |p| waiting_reason(p).as_deref() == Some("CreateContainerConfigError"),
+        )
+        .await?;
+    let msg = container(&bad).state.unwrap().waiting.unwrap().message;
+    assert_eq!(
+        msg.as_deref(),
+        Some("Bidirectional mount propagation is available only to privileged containers")
+    );
+
+    for name in ["propagation", "bi-unprivileged"] {
+        c.pods().delete(name, &DeleteParams::default()).await?;
+        c.wait_gone(name, Duration::from_secs(30)).await?;
+    }
+    assert!(mounts_below(&dir).is_empty(), "{:?}", mounts_below(&dir));
     Ok(())
 }

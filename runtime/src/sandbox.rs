@@ -114,6 +114,7 @@ impl Sandbox {
             source: self.dir.join(src),
             destination: PathBuf::from(dst),
             read_only: ro,
+            propagation: Default::default(),
         };
         let mut v = vec![
             m("hosts", "/etc/hosts", false),

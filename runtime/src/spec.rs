@@ -152,6 +152,19 @@ pub struct Mount {
     pub source: PathBuf,
     pub destination: PathBuf,
     pub read_only: bool,
+    pub propagation: Propagation,
+}
+
+/// A volumeMount's mountPropagation, as the CRI passes it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Propagation {
+    /// None: nothing propagates either way (`rprivate`).
+    #[default]
+    Private,
+    /// Mounts made on the host below the source appear in the container (`rslave`).
+    HostToContainer,
+    /// Mounts propagate both ways (`rshared`; the container's root becomes shared too).
+    Bidirectional,
 }
 
 /// Everything besides the Kubernetes container that decides its OCI spec.
@@ -620,7 +633,14 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
 
     let mut mounts = default_mounts(privileged, input.namespaces.network == Ns::Host);
     for m in &input.mounts {
-        let mut opts = vec!["rbind", "rprivate"];
+        let mut opts = vec![
+            "rbind",
+            match m.propagation {
+                Propagation::Private => "rprivate",
+                Propagation::HostToContainer => "rslave",
+                Propagation::Bidirectional => "rshared",
+            },
+        ];
         if m.read_only {
             opts.push("ro");
         }
@@ -641,6 +661,15 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
         .collect();
     if !sysctls.is_empty() {
         linux["sysctl"] = Value::Object(sysctls);
+    }
+    // Bidirectional mounts stay peers of the host's only if the container's root is shared
+    // (libcontainer's default makes it a slave, which HostToContainer needs).
+    if input
+        .mounts
+        .iter()
+        .any(|m| m.propagation == Propagation::Bidirectional)
+    {
+        linux["rootfsPropagation"] = json!("shared");
     }
     if privileged {
         linux["devices"] = json!(host_devices());

@@ -18,7 +18,7 @@ use crate::env::{expand_sub_path, Env};
 use crate::objects::{ConfigError, Objects};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Volume};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use runtime::spec::Mount;
+use runtime::spec::{Mount, Propagation};
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
@@ -102,6 +102,8 @@ pub struct PodVolumes {
     tokens: token::Tokens,
     refreshed_at: Option<Instant>,
     meta: Option<Meta>,
+    /// Whether the volumes dir is a shared mount (pods with mount propagation).
+    shared: bool,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -126,6 +128,7 @@ impl PodVolumes {
             tokens: token::Tokens::default(),
             refreshed_at: None,
             meta: None,
+            shared: false,
         }
     }
 
@@ -154,6 +157,30 @@ impl PodVolumes {
             || self.meta.as_ref() != Some(&meta)
             || self.tokens.due();
         let mut failures = Vec::new();
+        if wants_propagation(pod) && !self.shared {
+            let dir = self.pod_dir.join("volumes");
+            match blocking(move || {
+                mounts::ensure_shared(&dir).map_err(|source| VolumeError::Io {
+                    what: format!("make {} a shared mount", dir.display()),
+                    source,
+                })
+            })
+            .await
+            {
+                Ok(()) => self.shared = true,
+                Err(e) => {
+                    // Every volume waits for it; it is reported once, on the first.
+                    let first = pod
+                        .spec
+                        .iter()
+                        .flat_map(|s| s.volumes.iter().flatten())
+                        .map(|v| v.name.clone())
+                        .next()
+                        .unwrap_or_default();
+                    return vec![(first, e)];
+                }
+            }
+        }
         let volumes = pod
             .spec
             .as_ref()
@@ -203,7 +230,18 @@ impl PodVolumes {
                 pod.clone(),
                 self.allocatable.clone(),
             );
-            blocking(move || empty_dir::set_up(&d, &src, &p, &alloc)).await?;
+            let policy = crate::security::fs_group_change_policy(pod);
+            blocking(move || {
+                empty_dir::set_up(&d, &src, &p, &alloc)?;
+                let gid = crate::security::fs_group(&p);
+                crate::security::apply_fs_group(&d, gid, policy.as_deref(), false).map_err(
+                    |source| VolumeError::Io {
+                        what: format!("set fsGroup ownership of {}", d.display()),
+                        source,
+                    },
+                )
+            })
+            .await?;
             return Ok(MountedVolume {
                 path: dir,
                 read_only: false,
@@ -244,11 +282,16 @@ impl PodVolumes {
         } else {
             return Err(VolumeError::Unsupported);
         };
-        let d = dir.clone();
+        let (d, gid) = (dir.clone(), crate::security::fs_group(pod));
         blocking(move || {
             empty_dir::make_dir(&d, tmpfs)?;
             atomic_writer::write(&d, &payload)?;
-            Ok(())
+            // As kubelet: these volumes are handed to the fsGroup on every setup, whatever
+            // the change policy says.
+            crate::security::apply_fs_group(&d, gid, None, true).map_err(|source| VolumeError::Io {
+                what: format!("set fsGroup ownership of {}", d.display()),
+                source,
+            })
         })
         .await?;
         Ok(MountedVolume {
@@ -329,12 +372,95 @@ fn sub_path(
     Ok(real)
 }
 
+/// kubelet's translation of a volumeMount's mountPropagation (unset and None are private);
+/// Bidirectional needs a privileged container, as the API server's validation demands.
+pub fn propagation(c: &Container, mode: Option<&str>) -> Result<Propagation, ConfigError> {
+    match mode {
+        None | Some("None") => Ok(Propagation::Private),
+        Some("HostToContainer") => Ok(Propagation::HostToContainer),
+        Some("Bidirectional") => {
+            let privileged = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.privileged)
+                .unwrap_or(false);
+            if privileged {
+                Ok(Propagation::Bidirectional)
+            } else {
+                Err(ConfigError::BidirectionalUnprivileged)
+            }
+        }
+        Some(other) => Err(ConfigError::Propagation(other.to_string())),
+    }
+}
+
+/// A private copy of a pod's shared volumes dir, for the mounts that want no propagation: the
+/// runtime makes bind mounts with their source's propagation (libcontainer applies no
+/// propagation option to a bind), and a bind of the shared dir would receive what is mounted
+/// there later.
+#[derive(Debug, Clone)]
+pub struct PrivateView {
+    pub shared: PathBuf,
+    pub private: PathBuf,
+}
+
+impl PrivateView {
+    /// The view of a pod whose volumes dir is shared (some mount propagates), else none.
+    pub fn of(pod: &Pod, pod_dir: &Path) -> Option<PrivateView> {
+        wants_propagation(pod).then(|| PrivateView {
+            shared: pod_dir.join("volumes"),
+            private: pod_dir.join("volumes-private"),
+        })
+    }
+
+    /// `source` below the shared dir as seen through the private copy, made when missing
+    /// (blocking; once every volume is set up, so the copy holds their mounts).
+    fn source(&self, source: &Path) -> Result<PathBuf, ConfigError> {
+        let shared = mounts::resolved(&self.shared);
+        let Ok(rel) = source
+            .strip_prefix(&shared)
+            .or(source.strip_prefix(&self.shared))
+        else {
+            return Ok(source.to_path_buf());
+        };
+        mounts::ensure_private_copy(&shared, &self.private).map_err(|e| {
+            ConfigError::Mount(format!(
+                "make the private copy {} of {}: {e}",
+                self.private.display(),
+                shared.display()
+            ))
+        })?;
+        Ok(self.private.join(rel))
+    }
+}
+
+/// Whether any container of the pod mounts a volume with HostToContainer or Bidirectional
+/// propagation: then the pod's volumes dir is a shared mount, as kubelet keeps its root dir,
+/// so that mounts below it propagate to and from containers.
+fn wants_propagation(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    spec.into_iter()
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .any(|m| {
+            matches!(
+                m.mount_propagation.as_deref(),
+                Some("HostToContainer" | "Bidirectional")
+            )
+        })
+}
+
 /// The bind mounts of container `c` from its volumeMounts (blocking: subPaths are made and
 /// resolved).
 pub fn container_mounts(
     c: &Container,
     ready: &BTreeMap<String, MountedVolume>,
     env: &Env,
+    private_view: Option<&PrivateView>,
 ) -> Result<Vec<Mount>, ConfigError> {
     let mut out = Vec::new();
     for m in c.volume_mounts.iter().flatten() {
@@ -351,10 +477,16 @@ pub fn container_mounts(
             Some(s) => sub_path(&vol.path, &s, &m.name, &c.name)?,
             None => vol.path.clone(),
         };
+        let propagation = propagation(c, m.mount_propagation.as_deref())?;
+        let source = match private_view {
+            Some(v) if propagation == Propagation::Private => v.source(&source)?,
+            _ => source,
+        };
         out.push(Mount {
             source,
             destination: PathBuf::from(&m.mount_path),
             read_only: m.read_only == Some(true) || vol.read_only,
+            propagation,
         });
     }
     Ok(out)

@@ -65,6 +65,53 @@ pub fn ensure_tmpfs(dir: &Path, size: Option<u64>) -> io::Result<()> {
     .map_err(io::Error::from)
 }
 
+/// Makes `dir` (created when missing) a shared mount of its own: bound onto itself unless it
+/// is a mount point already, then marked shared, so mounts below it propagate to and from the
+/// containers' copies.
+pub fn ensure_shared(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if !is_mount_point(dir)? {
+        rbind(dir, dir)?;
+    }
+    set_propagation(dir, nix::mount::MsFlags::MS_SHARED)
+}
+
+/// Binds `from` (with what is mounted below it) onto `to` as a private mount, unless `to` is
+/// a mount point already.
+pub fn ensure_private_copy(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    if is_mount_point(to)? {
+        return Ok(());
+    }
+    rbind(from, to)?;
+    set_propagation(to, nix::mount::MsFlags::MS_PRIVATE)
+}
+
+/// A recursive bind mount of `from` onto `to`.
+fn rbind(from: &Path, to: &Path) -> io::Result<()> {
+    use nix::mount::MsFlags;
+    nix::mount::mount(
+        Some(from),
+        to,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Sets the propagation type `kind` (shared, private, ...) on `dir` and every mount below it.
+fn set_propagation(dir: &Path, kind: nix::mount::MsFlags) -> io::Result<()> {
+    nix::mount::mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        kind | nix::mount::MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(io::Error::from)
+}
+
 /// Unmounts everything mounted at or below `dir`, deepest first.
 pub fn unmount_below(dir: &Path) -> io::Result<()> {
     let dir = resolved(dir);
