@@ -23,9 +23,62 @@ pub fn default_config(cidr: &str, cache_dir: &std::path::Path) -> serde_json::Va
             "isDefaultGateway": true,
             "ipMasq": true,
             "hairpinMode": true,
+            "capabilities": {"portMappings": true},
             "ipam": {"type": "host-local", "ranges": [[{"subnet": cidr}]],
                 "dataDir": cache_dir.join("networks").to_string_lossy()}
         }]
+    })
+}
+
+/// The `portMappings` capability arguments of a pod, as containerd passes them: one per
+/// container port with a hostPort, protocol in lower case, hostIP when set.
+pub fn port_mappings(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<serde_json::Value> {
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.host_port.is_some_and(|h| h > 0))
+        .map(|p| {
+            let mut m = serde_json::json!({
+                "hostPort": p.host_port,
+                "containerPort": p.container_port,
+                "protocol": p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase(),
+            });
+            if let Some(ip) = p.host_ip.as_deref().filter(|ip| !ip.is_empty()) {
+                m["hostIP"] = ip.into();
+            }
+            m
+        })
+        .collect()
+}
+
+/// `(hostIP, protocol, hostPort)` of the pod's container ports with a hostPort.
+fn host_ports(spec: &k8s_openapi::api::core::v1::PodSpec) -> Vec<(String, String, i32)> {
+    spec.containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let hp = p.host_port.filter(|h| *h > 0)?;
+            Some((
+                p.host_ip.clone().unwrap_or_default(),
+                p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                hp,
+            ))
+        })
+        .collect()
+}
+
+/// Whether two pods ask for the same hostPort (same protocol and port; the same hostIP, or
+/// either on every address), as the NodePorts filter judges.
+pub fn host_ports_conflict(
+    a: &k8s_openapi::api::core::v1::PodSpec,
+    b: &k8s_openapi::api::core::v1::PodSpec,
+) -> bool {
+    let any = |ip: &str| ip.is_empty() || ip == "0.0.0.0" || ip == "::";
+    let theirs = host_ports(b);
+    host_ports(a).iter().any(|x| {
+        theirs
+            .iter()
+            .any(|y| x.1 == y.1 && x.2 == y.2 && (x.0 == y.0 || any(&x.0) || any(&y.0)))
     })
 }
 
@@ -77,6 +130,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn host_port_conflicts() {
+        let spec = |ports: serde_json::Value| -> k8s_openapi::api::core::v1::PodSpec {
+            serde_json::from_value(
+                serde_json::json!({"containers": [{"name": "c", "ports": ports}]}),
+            )
+            .unwrap()
+        };
+        let web = spec(serde_json::json!([{"containerPort": 80, "hostPort": 8080}]));
+        assert!(host_ports_conflict(&web, &web));
+        assert!(!host_ports_conflict(
+            &web,
+            &spec(serde_json::json!([{"containerPort": 80, "hostPort": 8081}]))
+        ));
+        assert!(!host_ports_conflict(
+            &web,
+            &spec(serde_json::json!([{"containerPort": 80, "hostPort": 8080, "protocol": "UDP"}]))
+        ));
+        let local = spec(
+            serde_json::json!([{"containerPort": 80, "hostPort": 8080, "hostIP": "127.0.0.1"}]),
+        );
+        assert!(host_ports_conflict(&web, &local));
+        assert!(!host_ports_conflict(
+            &local,
+            &spec(
+                serde_json::json!([{"containerPort": 80, "hostPort": 8080, "hostIP": "10.0.0.1"}])
+            )
+        ));
+        assert!(!host_ports_conflict(
+            &web,
+            &spec(serde_json::json!([{"containerPort": 80}]))
+        ));
+    }
+
+    #[test]
+    fn port_mappings_of_host_ports() {
+        let spec: k8s_openapi::api::core::v1::PodSpec = serde_json::from_value(serde_json::json!({
+            "containers": [
+                {"name": "a", "ports": [{"containerPort": 80, "hostPort": 8080}, {"containerPort": 81}]},
+                {"name": "b", "ports": [{"containerPort": 53, "hostPort": 5353, "protocol": "UDP", "hostIP": "127.0.0.1"}]}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            port_mappings(&spec),
+            vec![
+                serde_json::json!({"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}),
+                serde_json::json!({"hostPort": 5353, "containerPort": 53, "protocol": "udp", "hostIP": "127.0.0.1"}),
+            ]
+        );
+    }
+
+    #[test]
     fn writes_a_default_only_when_there_is_none() {
         let d = tempfile::tempdir().unwrap();
         let plugin = d.path().join("plugin");
@@ -94,6 +199,7 @@ mod tests {
             net.plugins[0]["ipam"]["ranges"][0][0]["subnet"],
             "10.88.0.0/24"
         );
+        assert_eq!(net.plugins[0]["capabilities"]["portMappings"], true);
         assert!(d.path().join("bin/oxlet-bridge").is_file());
         std::fs::write(
             cfg.cni_conf_dir.join("00-mine.conf"),

@@ -1,9 +1,10 @@
 //! oxlet's CNI: the `oxlet-bridge` plugin (spec 1.0/1.1, built-in host-local IPAM, nftables
-//! masquerade) and the client the agent uses to run any CNI plugin chain.
+//! masquerade, hostPorts) and the client the agent uses to run any CNI plugin chain.
 
 pub mod client;
 pub mod config;
 pub mod exec;
+pub mod hostport;
 pub mod ipam;
 pub mod link;
 pub mod masq;

@@ -69,12 +69,15 @@ pub fn table_exists(network: &str) -> std::io::Result<bool> {
     nft_netlink::get_table(libc::NFPROTO_INET as u8, &table_name(network))
 }
 
-mod nft_netlink {
+pub(crate) mod nft_netlink {
     use std::io;
 
     const NFNL_SUBSYS_NFTABLES: u16 = 10;
     const NFT_MSG_GETTABLE: u16 = 1;
+    const NFT_MSG_GETCHAIN: u16 = 4;
     const NFTA_TABLE_NAME: u16 = 1;
+    const NFTA_CHAIN_TABLE: u16 = 1;
+    const NFTA_CHAIN_NAME: u16 = 3;
 
     fn align4(n: usize) -> usize {
         (n + 3) & !3
@@ -82,6 +85,20 @@ mod nft_netlink {
 
     /// Sends GETTABLE for `name` in `family`; true on a table reply, false on ENOENT.
     pub fn get_table(family: u8, name: &str) -> io::Result<bool> {
+        get(family, NFT_MSG_GETTABLE, &[(NFTA_TABLE_NAME, name)])
+    }
+
+    /// Sends GETCHAIN for `chain` of `table` in `family`; true on a chain reply, false on
+    /// ENOENT (no such table or chain).
+    pub fn get_chain(family: u8, table: &str, chain: &str) -> io::Result<bool> {
+        get(
+            family,
+            NFT_MSG_GETCHAIN,
+            &[(NFTA_CHAIN_TABLE, table), (NFTA_CHAIN_NAME, chain)],
+        )
+    }
+
+    fn get(family: u8, msg: u16, attrs: &[(u16, &str)]) -> io::Result<bool> {
         // SAFETY: plain socket syscalls on a descriptor owned here and closed on every path.
         unsafe {
             let fd = libc::socket(
@@ -92,24 +109,27 @@ mod nft_netlink {
             if fd < 0 {
                 return Err(io::Error::last_os_error());
             }
-            let r = exchange(fd, family, name);
+            let r = exchange(fd, family, msg, attrs);
             libc::close(fd);
             r
         }
     }
 
-    unsafe fn exchange(fd: i32, family: u8, name: &str) -> io::Result<bool> {
-        let attr_len = 4 + name.len() + 1;
-        let len = 16 + 4 + align4(attr_len);
-        let mut m = vec![0u8; len];
-        m[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
-        m[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE).to_ne_bytes());
+    unsafe fn exchange(fd: i32, family: u8, msg: u16, attrs: &[(u16, &str)]) -> io::Result<bool> {
+        let mut m = vec![0u8; 20];
+        m[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
         m[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
         m[8..12].copy_from_slice(&1u32.to_ne_bytes());
         m[16] = family; // nfgenmsg: family, version 0, res_id 0
-        m[20..22].copy_from_slice(&(attr_len as u16).to_ne_bytes());
-        m[22..24].copy_from_slice(&NFTA_TABLE_NAME.to_ne_bytes());
-        m[24..24 + name.len()].copy_from_slice(name.as_bytes());
+        for (kind, value) in attrs {
+            let attr_len = 4 + value.len() + 1;
+            m.extend_from_slice(&(attr_len as u16).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(value.as_bytes());
+            m.resize(m.len() + align4(attr_len) - attr_len + 1, 0);
+        }
+        let len = m.len();
+        m[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
         if libc::send(fd, m.as_ptr().cast(), m.len(), 0) < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -203,6 +223,24 @@ impl Pending {
 /// Runs a script to completion.
 pub fn apply(script: String) -> Result<()> {
     spawn(script)?.wait()
+}
+
+/// Runs `nft` with `args` and returns what it prints.
+pub fn output(args: &[&str]) -> Result<String> {
+    let run = |bin: &str| Command::new(bin).args(args).stdin(Stdio::null()).output();
+    let out = match run("nft") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => run("/usr/sbin/nft"),
+        r => r,
+    }
+    .map_err(MasqError::Spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(MasqError::Failed {
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            script: format!("nft {}", args.join(" ")),
+        })
+    }
 }
 
 #[cfg(test)]

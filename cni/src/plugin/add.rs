@@ -3,6 +3,7 @@
 //! network's last IP).
 
 use super::{random_mac, Ctx, Ipam};
+use crate::hostport;
 use crate::ipam::{IpNet, Store};
 use crate::link::{self, VethSpec};
 use crate::masq;
@@ -44,15 +45,46 @@ pub(super) async fn add(ctx: &Ctx) -> Result<CniResult, CniError> {
     } else {
         None
     };
+    // The pod's hostPorts, written while netlink works too.
+    let ports = if ctx.port_mappings.is_empty() || ips.is_empty() {
+        None
+    } else {
+        let script = hostport::render_add(
+            &ctx.conf.name,
+            &ctx.hostport_prefix(),
+            &ctx.port_mappings,
+            &ips,
+        );
+        match masq::spawn(script) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                if let Some(p) = pending {
+                    let _ = p.wait();
+                }
+                undo(ctx).await;
+                return Err(e.into());
+            }
+        }
+    };
     let configured = configure(ctx, &netns, pod_conn, &addressing).await;
     let masq_done = pending.map(|p| p.wait()).transpose();
-    match (configured, masq_done) {
-        (Ok(r), Ok(_)) => Ok(r),
-        (Err(e), _) => {
+    let ports_done = ports.map(|p| p.wait()).transpose();
+    let localnet = if configured.is_ok()
+        && ports_done.is_ok()
+        && ips.iter().any(|ip| ip.is_ipv4())
+        && !ctx.port_mappings.is_empty()
+    {
+        hostport::enable_route_localnet(ctx.conf.bridge_name())
+    } else {
+        Ok(())
+    };
+    match (configured, masq_done.and(ports_done), localnet) {
+        (Ok(r), Ok(_), Ok(())) => Ok(r),
+        (Err(e), _, _) | (Ok(_), Ok(_), Err(e)) => {
             undo(ctx).await;
             Err(e)
         }
-        (Ok(_), Err(e)) => {
+        (Ok(_), Err(e), _) => {
             undo(ctx).await;
             Err(e.into())
         }
@@ -114,6 +146,7 @@ async fn undo(ctx: &Ctx) {
         tokio::spawn(conn);
         let _ = link::del_by_name(&h, &ctx.host_veth()).await;
     }
+    let _ = super::del::remove_hostports(ctx);
     let _ = super::del::release(ctx);
 }
 

@@ -57,6 +57,17 @@ pub(super) async fn check(ctx: &Ctx) -> Result<(), CniError> {
         )));
     }
 
+    if !ctx.port_mappings.is_empty()
+        && !want.is_empty()
+        && !crate::hostport::chains_exist(&ctx.conf.name, &ctx.hostport_prefix()).unwrap_or(false)
+    {
+        return Err(mismatch(format!(
+            "the hostPort rules of container {} are missing from table {}",
+            ctx.env.container_id,
+            crate::hostport::table_name(&ctx.conf.name)
+        )));
+    }
+
     let netns = ctx.open_netns()?;
     let (conn, h, _) = rtnetlink::new_connection()
         .map_err(|e| CniError::internal(format!("netlink socket: {e}")))?;

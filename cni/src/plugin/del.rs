@@ -2,6 +2,7 @@
 //! Frees the host veth, the IPs and, with the network's last IP, its masquerade table.
 
 use super::{Ctx, Ipam};
+use crate::hostport;
 use crate::ipam::Store;
 use crate::link;
 use crate::masq;
@@ -26,7 +27,18 @@ pub(super) async fn del(ctx: &Ctx) -> Result<(), CniError> {
             }
         }
     }
+    remove_hostports(ctx)?;
     release(ctx)
+}
+
+/// Removes the attachment's hostPort chains, found by name (DEL may come without
+/// runtimeConfig, e.g. after the runtime lost its cache).
+pub(super) fn remove_hostports(ctx: &Ctx) -> Result<(), CniError> {
+    let prefix = ctx.hostport_prefix();
+    if hostport::chains_exist(&ctx.conf.name, &prefix).unwrap_or(true) {
+        masq::apply(hostport::render_del(&ctx.conf.name, &prefix))?;
+    }
+    Ok(())
 }
 
 /// Frees the attachment's IPs; with the network's last IP, its masquerade table. nft runs under
@@ -46,8 +58,23 @@ pub(super) fn release(ctx: &Ctx) -> Result<(), CniError> {
         }
         Ipam::None => (None, usize::MAX),
     };
-    if ctx.conf.ip_masq && remaining == 0 {
-        masq::apply(masq::render_drop(&ctx.conf.name))?;
+    if remaining == 0 {
+        drop_tables(ctx)?;
+    }
+    Ok(())
+}
+
+/// Removes the network's masquerade and hostPort tables (its last IP is gone).
+pub(super) fn drop_tables(ctx: &Ctx) -> Result<(), CniError> {
+    let mut script = String::new();
+    if ctx.conf.ip_masq {
+        script += &masq::render_drop(&ctx.conf.name);
+    }
+    if hostport::table_exists(&ctx.conf.name).unwrap_or(true) {
+        script += &hostport::render_drop(&ctx.conf.name);
+    }
+    if !script.is_empty() {
+        masq::apply(script)?;
     }
     Ok(())
 }

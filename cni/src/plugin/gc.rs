@@ -1,6 +1,7 @@
 //! GC and STATUS (spec 1.1).
 
 use super::{is_host_veth_name, Ctx, Ipam};
+use crate::hostport;
 use crate::ipam::Store;
 use crate::link;
 use crate::masq;
@@ -38,8 +39,8 @@ pub(super) async fn gc(ctx: &Ctx) -> Result<(), CniError> {
                 .collect();
             store.release(&stale)?;
             let remaining = all.len() - stale.len();
-            if ctx.conf.ip_masq && remaining == 0 {
-                masq::apply(masq::render_drop(&ctx.conf.name))?;
+            if remaining == 0 {
+                super::del::drop_tables(ctx)?;
             }
         }
         Ipam::Delegate { .. } | Ipam::None => {
@@ -48,9 +49,26 @@ pub(super) async fn gc(ctx: &Ctx) -> Result<(), CniError> {
             }
             // Without host-local there is no count of the network's IPs: its masquerade table
             // goes when GC says no attachment is valid.
-            if ctx.conf.ip_masq && valid.is_empty() {
-                masq::apply(masq::render_drop(&ctx.conf.name))?;
+            if valid.is_empty() {
+                super::del::drop_tables(ctx)?;
             }
+        }
+    }
+    // hostPort chains of attachments that are not valid (an ADD killed before its runtime
+    // recorded it leaves some).
+    if hostport::table_exists(&ctx.conf.name).unwrap_or(false) {
+        let keep: HashSet<String> = valid
+            .iter()
+            .map(|a| hostport::chain_prefix(&a.container_id, &a.ifname))
+            .collect();
+        let mut script = String::new();
+        for prefix in hostport::attachments(&ctx.conf.name)? {
+            if !keep.contains(&prefix) {
+                script += &hostport::render_del(&ctx.conf.name, &prefix);
+            }
+        }
+        if !script.is_empty() {
+            masq::apply(script)?;
         }
     }
 

@@ -85,6 +85,11 @@ pub fn run(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<
     }
     let ctx = Ctx {
         ipam: Ipam::from_conf(&conf)?,
+        port_mappings: if command == Command::Add || command == Command::Check {
+            crate::hostport::parse(conf.runtime_config.as_ref())?
+        } else {
+            Vec::new()
+        },
         conf,
         env,
         stdin: stdin.to_vec(),
@@ -152,6 +157,8 @@ pub(crate) struct Ctx {
     pub conf: BridgeConf,
     pub env: Env,
     pub ipam: Ipam,
+    /// `runtimeConfig.portMappings` (ADD and CHECK).
+    pub port_mappings: Vec<crate::hostport::PortMapping>,
     pub stdin: Vec<u8>,
     pub raw_args: String,
 }
@@ -171,6 +178,11 @@ impl Ctx {
     /// The host end's name: stable per attachment, so DEL and GC find it without the netns.
     pub fn host_veth(&self) -> String {
         host_veth_name(&self.env.container_id, &self.env.ifname)
+    }
+
+    /// The prefix of the attachment's hostPort chains.
+    pub fn hostport_prefix(&self) -> String {
+        crate::hostport::chain_prefix(&self.env.container_id, &self.env.ifname)
     }
 
     /// Runs the delegated IPAM plugin with this invocation's environment and stdin.
