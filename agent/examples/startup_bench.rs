@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const IMAGE: &str = "127.0.0.1:5000/test/busybox:latest";
+use oxlet_tests::testbed::busybox;
 const BRIDGE: &str = "oxbench0";
 const SUBNET: &str = "10.253.0.0/24";
 const REF_BRIDGE: &str = "oxbenchr0";
@@ -95,7 +95,7 @@ fn pod(name: &str, burst: &str) -> Pod {
         "metadata": {"name": name, "labels": {"bench": burst}},
         "spec": {
             "terminationGracePeriodSeconds": 0,
-            "containers": [{"name": "c", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+            "containers": [{"name": "c", "image": busybox(), "imagePullPolicy": "IfNotPresent",
                             "command": ["sleep", "3600"]}]
         }
     }))

@@ -7,6 +7,7 @@ pub mod dns_config;
 pub mod env;
 pub mod events;
 pub mod fieldpath;
+pub mod image_gc;
 pub mod kubelet_api;
 pub mod lifecycle;
 pub mod network;
@@ -17,6 +18,7 @@ pub mod pod_worker;
 pub mod pods;
 pub mod probe;
 pub mod security;
+pub mod static_pods;
 pub mod status;
 pub mod volumes;
 
@@ -114,6 +116,14 @@ pub struct Config {
     /// DER certificates of the CA whose client certificates the kubelet API accepts (the
     /// cluster CA); empty refuses every request with 401.
     pub client_ca: Vec<Vec<u8>>,
+    /// Image garbage collection thresholds and minimum age (kubelet's 85 %, 80 %, 2 min).
+    pub image_gc: runtime::image::gc::Policy,
+    /// How often image garbage collection runs (kubelet: 5 min).
+    pub image_gc_period: Duration,
+    /// The directory of static pod manifests (kubelet's --pod-manifest-path).
+    pub pod_manifest_path: Option<PathBuf>,
+    /// How often the manifest directory is read and mirror pods checked (kubelet: 20 s).
+    pub file_check_frequency: Duration,
 }
 
 impl Config {
@@ -147,6 +157,10 @@ impl Config {
             resolv_conf: dns_config::host_resolv_conf(),
             kubelet_port: node::KUBELET_PORT as u16,
             client_ca: Vec::new(),
+            image_gc: Default::default(),
+            image_gc_period: Duration::from_secs(300),
+            pod_manifest_path: None,
+            file_check_frequency: Duration::from_secs(20),
         }
     }
 }
@@ -178,6 +192,7 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
     let host_ip = node::internal_ip(&cfg);
     let ctx = Arc::new(pod_runtime::PodRuntime::new(&cfg, host_ip)?);
     let _heartbeat = AbortOnDrop(tokio::spawn(node::heartbeat(client.clone(), cfg.clone())));
+    let _image_gc = AbortOnDrop(tokio::spawn(image_gc::run(ctx.clone())));
     let api = ctx.clone();
     let _kubelet_api = AbortOnDrop(tokio::spawn(async move {
         if let Err(e) = kubelet_api::serve(api).await {

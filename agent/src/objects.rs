@@ -30,6 +30,13 @@ pub enum ConfigError {
     SubPath(String),
     #[error("cannot find volume {volume:?} to mount into container {container:?}")]
     NoVolume { volume: String, container: String },
+    /// The API server's validation words: kubelet never sees such a pod from kube-apiserver.
+    #[error("Bidirectional mount propagation is available only to privileged containers")]
+    BidirectionalUnprivileged,
+    #[error("invalid MountPropagation mode: {0:?}")]
+    Propagation(String),
+    #[error("{0}")]
+    Mount(String),
 }
 
 impl ConfigError {

@@ -35,6 +35,10 @@ pub struct PodRecord {
     pub host_network: bool,
     /// The CNI network the pod is attached to, once ADD succeeded.
     pub network: Option<String>,
+    /// The network an ADD was started on and has not finished: a DEL undoes whatever it made
+    /// (IP, veth, hostPort rules) if the agent was killed meanwhile.
+    #[serde(default)]
+    pub network_pending: Option<String>,
     pub pod_ips: Vec<String>,
 }
 
@@ -106,6 +110,8 @@ pub struct PodRuntime {
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The pods being worked on, by uid, as last seen from the API (the kubelet API's /pods).
     pods: Mutex<BTreeMap<String, Arc<Pod>>>,
+    /// The UID of each static pod's mirror in the API, by static pod UID.
+    mirrors: Mutex<HashMap<String, String>>,
 }
 
 /// A container id for attempt `attempt` of container `name` of pod `uid`.
@@ -181,6 +187,7 @@ impl PodRuntime {
             },
             pulls: Mutex::new(HashMap::new()),
             pods: Mutex::new(BTreeMap::new()),
+            mirrors: Mutex::new(HashMap::new()),
         })
     }
 
@@ -189,6 +196,28 @@ impl PodRuntime {
         if let Some(uid) = pod.metadata.uid.clone() {
             self.pods.lock().expect("pods lock").insert(uid, pod);
         }
+    }
+
+    /// Records the mirror pod `mirror_uid` of static pod `static_uid`, or its deletion.
+    pub fn set_mirror(&self, static_uid: &str, mirror_uid: Option<&str>) {
+        let mut m = self.mirrors.lock().expect("mirrors lock");
+        match mirror_uid {
+            Some(u) => {
+                m.insert(static_uid.to_string(), u.to_string());
+            }
+            None => {
+                m.remove(static_uid);
+            }
+        }
+    }
+
+    /// The UID of static pod `static_uid`'s mirror pod, as last seen.
+    pub fn mirror_uid(&self, static_uid: &str) -> Option<String> {
+        self.mirrors
+            .lock()
+            .expect("mirrors lock")
+            .get(static_uid)
+            .cloned()
     }
 
     /// Forgets a pod whose worker finished.
@@ -271,6 +300,7 @@ impl PodRuntime {
             source: file,
             destination: dest.into(),
             read_only: false,
+            propagation: Default::default(),
         }))
     }
 
@@ -295,6 +325,15 @@ impl PodRuntime {
             ..Default::default()
         });
         rec.cgroup = cgroup;
+        if rec.network.is_some() && !self.rt.list_sandboxes().contains(&uid) {
+            // The sandbox went with its namespace (a reboot emptied the run dir): the old
+            // attachment's IP is released before the new sandbox gets one.
+            let network = rec.network.clone().unwrap_or_default();
+            tracing::info!(pod = %uid, "sandbox gone; releasing its network attachment");
+            self.cni_del(&rec, &network)?;
+            rec.network = None;
+            rec.pod_ips.clear();
+        }
         self.write_record(&rec)?;
         let hostname = spec.hostname.clone().unwrap_or_else(|| name.clone());
         let sandbox = self.rt.create_sandbox(&SandboxConfig {
@@ -312,13 +351,22 @@ impl PodRuntime {
         }
         let net = NetworkConfigList::load_first(&self.cfg.cni_conf_dir)?;
         let netns = sandbox.netns().expect("pod network namespace");
-        let result = self.cni.add(&net, &self.cni_conf(&rec, &netns))?;
+        rec.network_pending = Some(net.name.clone());
+        self.write_record(&rec)?;
+        let mut rt = self.cni_conf(&rec, &netns);
+        let ports = crate::network::port_mappings(&spec);
+        if !ports.is_empty() {
+            rt.capability_args
+                .insert("portMappings".into(), serde_json::Value::Array(ports));
+        }
+        let result = self.cni.add(&net, &rt)?;
         rec.pod_ips = result
             .ips
             .iter()
             .map(|ip| ip.address.split('/').next().unwrap_or("").to_string())
             .collect();
         rec.network = Some(net.name.clone());
+        rec.network_pending = None;
         self.write_record(&rec)?;
         let names = crate::dns_config::hosts_names(pod, &hostname, &self.cfg.cluster_domain);
         sandbox.write_hosts(&names, rec.pod_ips.first().map(String::as_str), &[])?;
@@ -575,9 +623,10 @@ impl PodRuntime {
         crate::volumes::tear_down(&dir)
             .map_err(Error::io(format!("tear down volumes of {}", dir.display())))?;
         if let Some(mut rec) = self.record(uid) {
-            if let Some(network) = rec.network.clone() {
+            if let Some(network) = rec.network.clone().or(rec.network_pending.clone()) {
                 self.cni_del(&rec, &network)?;
                 rec.network = None;
+                rec.network_pending = None;
                 self.write_record(&rec)?;
             }
         }
@@ -604,7 +653,7 @@ impl PodRuntime {
         }
         let rec = self.record(uid);
         if let Some(rec) = &rec {
-            if let Some(network) = &rec.network {
+            if let Some(network) = rec.network.as_ref().or(rec.network_pending.as_ref()) {
                 match self.cni_del(rec, network) {
                     Err(e) if !network_must_detach => {
                         tracing::warn!(pod = %uid, error = %e, "CNI DEL failed; removing the namespace anyway")

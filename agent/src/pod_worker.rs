@@ -80,6 +80,8 @@ pub struct Worker {
     waiting: BTreeMap<String, Waiting>,
     pulls: HashMap<String, PullFailure>,
     reported: Option<PodStatus>,
+    /// The mirror pod the last status went to (static pods).
+    reported_mirror: Option<String>,
     events: Recorder,
     /// The restart count each container's last BackOff event was about.
     backed_off: HashMap<String, i32>,
@@ -129,6 +131,7 @@ impl Worker {
             waiting: BTreeMap::new(),
             pulls: HashMap::new(),
             reported: None,
+            reported_mirror: None,
             events,
             backed_off: HashMap::new(),
             sandbox_error: None,
@@ -344,6 +347,48 @@ impl Worker {
         }
     }
 
+    /// kubelet's NodePorts admission: a pod not yet admitted (nothing of it in the runtime)
+    /// whose hostPorts another running pod of this node holds. Of two new pods the older one
+    /// (creation time, then UID) is admitted, as kubelet admits them in creation order.
+    async fn host_ports_taken(&self) -> crate::Result<bool> {
+        let Some(spec) = self.pod.spec.as_ref() else {
+            return Ok(false);
+        };
+        let (ctx, uid) = (self.ctx.clone(), self.uid.clone());
+        if crate::network::port_mappings(spec).is_empty()
+            || blocking(move || ctx.record(&uid).is_some()).await?
+        {
+            return Ok(false);
+        }
+        let key = |p: &Pod| {
+            (
+                p.metadata.creation_timestamp.clone().map(|t| t.0),
+                p.metadata.uid.clone(),
+            )
+        };
+        let mine = key(&self.pod);
+        for other in self.ctx.running_pods() {
+            if other.metadata.uid.as_deref() == Some(self.uid.as_str())
+                || other.status.as_ref().is_some_and(status::is_terminal)
+            {
+                continue;
+            }
+            let Some(theirs) = other.spec.as_ref() else {
+                continue;
+            };
+            if !crate::network::host_ports_conflict(spec, theirs) {
+                continue;
+            }
+            let ouid = other.metadata.uid.clone().unwrap_or_default();
+            let ctx = self.ctx.clone();
+            let admitted = blocking(move || ctx.record(&ouid).is_some()).await?;
+            if admitted || key(&other) < mine {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     async fn sync(&mut self) -> crate::Result<()> {
         let terminal = |s: Option<&PodStatus>| s.is_some_and(status::is_terminal);
         if terminal(self.pod.status.as_ref()) || terminal(self.reported.as_ref()) {
@@ -357,6 +402,14 @@ impl Worker {
         }
         if let Some(msg) = crate::security::forbidden_sysctl(&self.pod) {
             self.reject("SysctlForbidden", msg).await;
+            return Ok(());
+        }
+        if self.host_ports_taken().await? {
+            self.reject(
+                "NodePorts",
+                "Predicate NodePorts failed: node(s) didn't have free ports for the requested pod ports".into(),
+            )
+            .await;
             return Ok(());
         }
         // As kubelet: no sandbox and no container before every volume is set up.
@@ -477,7 +530,8 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         let expanded = container_env::expand_command(c, &env);
         let (c2, ready, env2) = (c.clone(), self.volumes.ready().clone(), env.clone());
-        let mounts = blocking(move || volumes::container_mounts(&c2, &ready, &env2))
+        let view = volumes::PrivateView::of(&self.pod, &self.ctx.pod_dir(&self.uid));
+        let mounts = blocking(move || volumes::container_mounts(&c2, &ready, &env2, view.as_ref()))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -718,7 +772,12 @@ impl Worker {
     async fn report(&mut self, snap: PodSnapshot) {
         let status = self.compute(&snap);
         self.announce_back_off(&status).await;
-        if self.reported.as_ref() == Some(&status) {
+        // A static pod reports to its mirror: a new mirror (the old one was deleted) gets the
+        // status again.
+        let mirror = crate::static_pods::is_static(&self.pod)
+            .then(|| self.ctx.mirror_uid(&self.uid))
+            .flatten();
+        if self.reported.as_ref() == Some(&status) && mirror == self.reported_mirror {
             return;
         }
         let name = self.pod.metadata.name.clone().unwrap_or_default();
@@ -728,7 +787,10 @@ impl Worker {
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => self.reported = Some(status),
+            Ok(_) => {
+                self.reported = Some(status);
+                self.reported_mirror = mirror;
+            }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => tracing::warn!(pod = %self.uid, error = %e, "patch pod status"),
         }

@@ -4,13 +4,14 @@
 
 use crate::pod_runtime::PodRuntime;
 use crate::pod_worker::{Update, Worker};
+use crate::static_pods;
 use crate::{Config, Result};
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -88,7 +89,19 @@ impl Dispatcher {
     }
 }
 
-/// Watches the node's pods and runs a worker per pod until the watch ends.
+/// Reads the static pods (blocking work off the runtime).
+async fn read_statics(cfg: &Config) -> BTreeMap<String, Pod> {
+    let Some(dir) = cfg.pod_manifest_path.clone() else {
+        return BTreeMap::new();
+    };
+    let node = cfg.node_name.clone();
+    tokio::task::spawn_blocking(move || static_pods::read_dir(&dir, &node))
+        .await
+        .unwrap_or_default()
+}
+
+/// Watches the node's pods and runs a worker per pod until the watch ends; static pods from
+/// the manifest directory run alongside, with their mirror pods kept in the API.
 pub async fn run(client: kube::Client, cfg: Config, ctx: Arc<PodRuntime>) -> Result<()> {
     let api: Api<Pod> = Api::all(client.clone());
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={}", cfg.node_name));
@@ -102,12 +115,50 @@ pub async fn run(client: kube::Client, cfg: Config, ctx: Arc<PodRuntime>) -> Res
     };
     let mut listing: HashSet<String> = HashSet::new();
     let mut cleaned = false;
+    // Static pods start before the first listing, so that its orphan sweep keeps them.
+    let mut statics = read_statics(&cfg).await;
+    for pod in statics.values() {
+        d.dispatch(pod.clone());
+    }
+    let mut check = tokio::time::interval(cfg.file_check_frequency);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut mirrors: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
+            _ = check.tick(), if cfg.pod_manifest_path.is_some() => {
+                let now = read_statics(&cfg).await;
+                for uid in statics.keys().filter(|u| !now.contains_key(*u)) {
+                    tracing::info!(pod = %uid, "static pod manifest removed or changed");
+                    d.gone(uid);
+                }
+                for (uid, pod) in &now {
+                    if !statics.contains_key(uid) {
+                        // A manifest put back as it was is the same pod, run again.
+                        d.terminated.remove(uid);
+                        d.dispatch(pod.clone());
+                    }
+                }
+                statics = now;
+                if mirrors.as_ref().is_none_or(|h| h.is_finished()) {
+                    let (client, node, statics) =
+                        (d.client.clone(), cfg.node_name.clone(), statics.clone());
+                    mirrors = Some(tokio::spawn(async move {
+                        if let Err(e) = static_pods::sync_mirrors(&client, &node, &statics).await {
+                            tracing::warn!(error = %e, "sync mirror pods");
+                        }
+                    }));
+                }
+            }
             ev = events.next() => match ev {
                 None => return Ok(()),
                 Some(Err(e)) => tracing::warn!(error = %e, "watch pods"),
                 Some(Ok(Event::Init)) => listing.clear(),
+                // Mirror pods are the API's view of static pods: never run themselves.
+                Some(Ok(Event::InitApply(pod) | Event::Apply(pod))) if static_pods::is_mirror(&pod) => {
+                    if let Some(hash) = static_pods::mirror_hash(&pod) {
+                        d.ctx.set_mirror(hash, pod.metadata.uid.as_deref());
+                    }
+                }
                 Some(Ok(Event::InitApply(pod))) => {
                     listing.extend(pod.metadata.uid.clone());
                     d.dispatch(pod);
@@ -116,7 +167,7 @@ pub async fn run(client: kube::Client, cfg: Config, ctx: Arc<PodRuntime>) -> Res
                     let missing: Vec<String> = d
                         .workers
                         .keys()
-                        .filter(|u| !listing.contains(*u))
+                        .filter(|u| !listing.contains(*u) && !statics.contains_key(*u))
                         .cloned()
                         .collect();
                     for uid in missing {
@@ -129,6 +180,11 @@ pub async fn run(client: kube::Client, cfg: Config, ctx: Arc<PodRuntime>) -> Res
                 }
                 Some(Ok(Event::Apply(pod))) => d.dispatch(pod),
                 Some(Ok(Event::Delete(pod))) => {
+                    if let Some(hash) = static_pods::mirror_hash(&pod) {
+                        if d.ctx.mirror_uid(hash) == pod.metadata.uid {
+                            d.ctx.set_mirror(hash, None);
+                        }
+                    }
                     if let Some(uid) = pod.metadata.uid.as_deref() {
                         d.gone(uid);
                     }

@@ -52,6 +52,16 @@ pub struct AgentArgs {
     /// Port of the kubelet API (logs, exec, port-forward, stats), HTTPS on every address.
     #[arg(long, default_value_t = 10250)]
     kubelet_port: u16,
+    /// Disk usage (percent) of the image store's file system at which unused images are
+    /// removed; 100 never.
+    #[arg(long, default_value_t = 85, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_high_threshold: u8,
+    /// Disk usage (percent) image garbage collection brings it down to.
+    #[arg(long, default_value_t = 80, value_parser = clap::value_parser!(u8).range(0..=100))]
+    image_gc_low_threshold: u8,
+    /// Seconds an image is kept after it was first seen before it may be collected.
+    #[arg(long, default_value_t = 120)]
+    minimum_image_ttl_seconds: u64,
 }
 
 fn parse_reserved(s: &str) -> Result<(String, String), String> {
@@ -113,6 +123,12 @@ pub fn run(data_dir: &Path, args: AgentArgs) -> Result<()> {
     cfg.backoff_base = Duration::from_secs(args.backoff_seconds.max(1));
     cfg.sync_frequency = Duration::from_secs(args.sync_frequency_seconds.max(1));
     cfg.kubelet_port = args.kubelet_port;
+    cfg.image_gc = runtime::image::gc::Policy {
+        high_threshold_percent: args.image_gc_high_threshold,
+        low_threshold_percent: args.image_gc_low_threshold,
+        min_age: Duration::from_secs(args.minimum_image_ttl_seconds),
+    };
+    cfg.image_gc.validate()?;
     cfg.shim = args
         .shim
         .or_else(|| sibling("oxlet-shim"))
