@@ -1,10 +1,13 @@
 //! Service account tokens: ES256 JWTs issued through serviceaccounts/{name}/token and accepted
-//! as `Authorization: Bearer` credentials while the service account (and the bound pod, if any)
-//! still exists with the same uid.
+//! as `Authorization: Bearer` credentials when signed by this server's key (`sa.key`), issued
+//! by it, meant for one of its audiences (`--api-audiences`, the issuer by default), unexpired,
+//! and while the service account and the object the token is bound to (a pod or a secret)
+//! still exist with the same uid. Signing and verification are `jsonwebtoken`'s.
 
 use std::path::Path;
 
 use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair as _};
 use serde_json::{json, Value};
@@ -24,14 +27,17 @@ fn b64url(b: &[u8]) -> String {
 }
 
 pub struct Signer {
-    key: EcdsaKeyPair,
-    public: Vec<u8>,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
     kid: String,
+    /// What a token's `aud` must include to be a credential for this server.
+    audiences: Vec<String>,
 }
 
 impl Signer {
-    /// Loads `<pki>/sa.key` (PKCS#8 PEM), creating it on first start.
-    pub fn load_or_create(pki_dir: &Path) -> Result<Signer, CertError> {
+    /// Loads `<pki>/sa.key` (PKCS#8 PEM, P-256), creating it on first start. Tokens are
+    /// accepted for `audiences` (the issuer when empty).
+    pub fn load_or_create(pki_dir: &Path, audiences: Vec<String>) -> Result<Signer, CertError> {
         let path = pki_dir.join("sa.key");
         let io = |source| CertError::Io {
             path: path.clone(),
@@ -46,6 +52,7 @@ impl Signer {
             Some(rustls::pki_types::PrivateKeyDer::Pkcs8(k)) => k.secret_pkcs8_der().to_vec(),
             _ => return Err(CertError::Pem(path)),
         };
+        // The public point, for verification and the key id.
         let key = EcdsaKeyPair::from_pkcs8(
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             &der,
@@ -54,47 +61,42 @@ impl Signer {
         .map_err(|_| CertError::Pem(path.clone()))?;
         let public = key.public_key().as_ref().to_vec();
         let kid = b64url(&ring::digest::digest(&ring::digest::SHA256, &public).as_ref()[..16]);
-        Ok(Signer { key, public, kid })
+        let audiences = if audiences.is_empty() {
+            vec![ISSUER.to_string()]
+        } else {
+            audiences
+        };
+        Ok(Signer {
+            encoding: EncodingKey::from_ec_der(&der),
+            decoding: DecodingKey::from_ec_der(&public),
+            kid,
+            audiences,
+        })
+    }
+
+    /// The audiences tokens are issued for when a TokenRequest names none.
+    pub fn audiences(&self) -> &[String] {
+        &self.audiences
     }
 
     pub fn sign(&self, claims: &Value) -> String {
-        let header = json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
-        let input = format!(
-            "{}.{}",
-            b64url(header.to_string().as_bytes()),
-            b64url(claims.to_string().as_bytes())
-        );
-        let sig = self
-            .key
-            .sign(&SystemRandom::new(), input.as_bytes())
-            .expect("ECDSA signing does not fail");
-        format!("{input}.{}", b64url(sig.as_ref()))
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).expect("ECDSA signing does not fail")
     }
 
-    /// The claims of a token signed by this key and not expired.
+    /// The claims of a token signed by this key, from this issuer, for one of this server's
+    /// audiences, and within its validity.
     pub fn verify(&self, token: &str) -> Option<Value> {
-        let mut parts = token.split('.');
-        let (h, c, s) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() {
-            return None;
-        }
-        let d = |x: &str| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(x)
-                .ok()
-        };
-        let header: Value = serde_json::from_slice(&d(h)?).ok()?;
-        if header["alg"] != "ES256" {
-            return None;
-        }
-        let key =
-            signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &self.public);
-        key.verify(format!("{h}.{c}").as_bytes(), &d(s)?).ok()?;
-        let claims: Value = serde_json::from_slice(&d(c)?).ok()?;
-        let now = chrono::Utc::now().timestamp();
-        let exp = claims["exp"].as_i64()?;
-        (claims["iss"] == ISSUER && exp > now && claims["nbf"].as_i64().unwrap_or(0) <= now)
-            .then_some(claims)
+        let mut v = Validation::new(Algorithm::ES256);
+        v.set_issuer(&[ISSUER]);
+        v.set_audience(&self.audiences);
+        v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        v.validate_nbf = true;
+        v.leeway = 0;
+        jsonwebtoken::decode::<Value>(token, &self.decoding, &v)
+            .ok()
+            .map(|d| d.claims)
     }
 }
 
@@ -123,16 +125,34 @@ pub fn request(
     }
     let audiences: Vec<Value> = match spec["audiences"].as_array() {
         Some(a) if !a.is_empty() => a.clone(),
-        _ => vec![json!(ISSUER)],
+        _ => signer.audiences().iter().map(|a| json!(a)).collect(),
     };
     let now = chrono::Utc::now().timestamp();
     let mut k8s =
         json!({"namespace": ns, "serviceaccount": {"name": name, "uid": meta_str(&sa, "uid")}});
     let bound = &spec["boundObjectRef"];
-    if bound["kind"] == "Pod" {
-        let pname = bound["name"].as_str().unwrap_or("");
-        let pod = reg.get(resources::get("", "pods"), Some(ns), pname)?;
-        k8s["pod"] = json!({"name": pname, "uid": meta_str(&pod, "uid")});
+    for (kind, plural, claim) in [("Pod", "pods", "pod"), ("Secret", "secrets", "secret")] {
+        if bound["kind"] == kind {
+            let bname = bound["name"].as_str().unwrap_or("");
+            let obj = reg.get(resources::get("", plural), Some(ns), bname)?;
+            let uid = meta_str(&obj, "uid");
+            if bound["uid"]
+                .as_str()
+                .is_some_and(|u| !u.is_empty() && u != uid)
+            {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!(
+                        "Operation cannot be fulfilled on {plural} {bname:?}: the UID in the \
+                         bound object reference ({}) does not match the UID in record. The \
+                         object might have been deleted and then recreated",
+                        bound["uid"].as_str().unwrap_or("")
+                    ),
+                ));
+            }
+            k8s[claim] = json!({"name": bname, "uid": uid});
+        }
     }
     let claims = json!({"iss": ISSUER, "sub": format!("system:serviceaccount:{ns}:{name}"), "aud": audiences,
         "iat": now, "nbf": now, "exp": now + exp_s, "kubernetes.io": k8s});
@@ -147,35 +167,30 @@ pub fn request(
     Ok(out)
 }
 
-/// Who a bearer token stands for, if it is valid and its service account (and pod) still exist.
+/// Who a bearer token stands for, if it is valid and its service account (and the pod or
+/// secret it is bound to) still exist with the uids it names.
 pub fn authenticate(reg: &Registry, signer: &Signer, token: &str) -> Option<Identity> {
     let claims = signer.verify(token)?;
-    // Only tokens meant for this server: a token for another audience is that audience's.
-    let for_api = match &claims["aud"] {
-        Value::String(a) => a == ISSUER,
-        Value::Array(a) => a.iter().any(|x| x == ISSUER),
-        _ => false,
-    };
-    if !for_api {
-        return None;
-    }
     let k = &claims["kubernetes.io"];
     let ns = k["namespace"].as_str()?;
     let sa = &k["serviceaccount"];
     let name = sa["name"].as_str()?;
-    let cur = reg
-        .get(resources::get("", "serviceaccounts"), Some(ns), name)
-        .ok()?;
-    if meta_str(&cur, "uid") != sa["uid"].as_str()? {
+    let same = |plural: &str, name: &str, uid: &str| {
+        reg.get(resources::get("", plural), Some(ns), name)
+            .is_ok_and(|cur| meta_str(&cur, "uid") == uid)
+    };
+    if !same("serviceaccounts", name, sa["uid"].as_str()?) {
         return None;
     }
-    if let Some(pod) = k.get("pod") {
-        let p = reg
-            .get(resources::get("", "pods"), Some(ns), pod["name"].as_str()?)
-            .ok()?;
-        if meta_str(&p, "uid") != pod["uid"].as_str()? {
-            return None;
+    for (claim, plural) in [("pod", "pods"), ("secret", "secrets")] {
+        if let Some(b) = k.get(claim) {
+            if !same(plural, b["name"].as_str()?, b["uid"].as_str()?) {
+                return None;
+            }
         }
+    }
+    if claims["sub"] != format!("system:serviceaccount:{ns}:{name}") {
+        return None;
     }
     Some(Identity {
         user: format!("system:serviceaccount:{ns}:{name}"),
@@ -185,4 +200,47 @@ pub fn authenticate(reg: &Registry, signer: &Signer, token: &str) -> Option<Iden
             "system:authenticated".into(),
         ],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(aud: &str, iss: &str, exp_in: i64) -> Value {
+        let now = chrono::Utc::now().timestamp();
+        json!({"iss": iss, "sub": "system:serviceaccount:default:x", "aud": [aud],
+            "iat": now, "nbf": now, "exp": now + exp_in})
+    }
+
+    #[test]
+    fn tokens_are_checked_for_issuer_audience_and_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = Signer::load_or_create(dir.path(), vec![]).unwrap();
+        assert!(default
+            .verify(&default.sign(&claims(ISSUER, ISSUER, 600)))
+            .is_some());
+        assert!(default
+            .verify(&default.sign(&claims("vault", ISSUER, 600)))
+            .is_none());
+        assert!(default
+            .verify(&default.sign(&claims(ISSUER, "https://other", 600)))
+            .is_none());
+        assert!(default
+            .verify(&default.sign(&claims(ISSUER, ISSUER, -10)))
+            .is_none());
+        // The same sa.key with other audiences: tokens for those, not for the issuer.
+        let vault = Signer::load_or_create(dir.path(), vec!["vault".into()]).unwrap();
+        assert!(vault
+            .verify(&default.sign(&claims("vault", ISSUER, 600)))
+            .is_some());
+        assert!(vault
+            .verify(&default.sign(&claims(ISSUER, ISSUER, 600)))
+            .is_none());
+        // Another key's signature is refused.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Signer::load_or_create(other_dir.path(), vec![]).unwrap();
+        assert!(default
+            .verify(&other.sign(&claims(ISSUER, ISSUER, 600)))
+            .is_none());
+    }
 }

@@ -669,6 +669,24 @@ async fn service_account_tokens_authenticate() -> Result<()> {
     };
     let bot = with_token(&token).await?;
     let pods: Api<Pod> = Api::namespaced(bot.clone(), "default");
+    // Authenticated as the service account, which RBAC gives nothing on pods until bound.
+    let e = api_err(pods.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!(e.code, 403);
+    assert!(
+        e.message
+            .contains("User \"system:serviceaccount:default:bot\" cannot list resource \"pods\""),
+        "{}",
+        e.message
+    );
+    let rbs: Api<k8s_openapi::api::rbac::v1::RoleBinding> =
+        Api::namespaced(client.clone(), "default");
+    rbs.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "bot-view"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+            "subjects": [{"kind": "ServiceAccount", "name": "bot", "namespace": "default"}]}))?,
+    )
+    .await?;
     pods.list(&ListParams::default()).await?;
     // A tampered token is refused.
     // (A character in the middle of the signature: every one of its bits counts.)

@@ -531,9 +531,10 @@ async fn node_writes_only_its_own_objects() -> Result<()> {
         pods1
             .create(&PostParams::default(), &pod(&fresh, "n1", json!({})))
             .await,
+        // NodeRestriction's words: a node creates mirror pods only.
         &format!(
-            "pods is forbidden: {}",
-            cannot("n1", "create", "pods", Some("default"), "")
+            "pods \"{fresh}\" is forbidden: pod does not have \"kubernetes.io/config.mirror\" \
+             annotation, node \"n1\" can only create mirror pods"
         ),
     );
     not_found(pods.get(&fresh).await);

@@ -22,7 +22,10 @@ use serde_json::json;
 struct Stack {
     server: Option<control::Server>,
     _dir: tempfile::TempDir,
+    /// What cluster DNS runs as (`system:coredns` and its kube-system Role).
     client: kube::Client,
+    /// What the tests make objects as.
+    admin: kube::Client,
 }
 
 impl Drop for Stack {
@@ -40,13 +43,23 @@ async fn api_server() -> Result<Stack> {
     cfg.listen = "127.0.0.1:0".parse()?;
     cfg.kubeconfig = dir.path().join("admin.kubeconfig");
     let server = control::start(cfg).await?;
-    let client = server.client(control::certs::Identity::component(
-        "system:serviceaccount:kube-system:coredns",
-    ));
+    let client = server.client(control::certs::Identity {
+        user: control::rbac_bootstrap::COREDNS_USER.into(),
+        groups: vec![
+            "system:serviceaccounts".into(),
+            "system:serviceaccounts:kube-system".into(),
+            "system:authenticated".into(),
+        ],
+    });
+    let admin = server.client(control::certs::Identity {
+        user: "kubernetes-admin".into(),
+        groups: vec!["system:masters".into()],
+    });
     Ok(Stack {
         server: Some(server),
         _dir: dir,
         client,
+        admin,
     })
 }
 
@@ -157,7 +170,7 @@ async fn until(
 #[tokio::test]
 async fn services_endpoints_and_pods_answer_as_coredns_does() -> Result<()> {
     let stack = api_server().await?;
-    let c = &stack.client;
+    let c = &stack.admin;
     let ns = namespace(c, "dns").await?;
     let web: Service = create(
         c,
@@ -215,7 +228,7 @@ async fn services_endpoints_and_pods_answer_as_coredns_does() -> Result<()> {
             ),
         )
         .await?;
-    let (_dns, addr) = dns_server(c, vec![]).await?;
+    let (_dns, addr) = dns_server(&stack.client, vec![]).await?;
     let z = |n: &str| format!("{n}.cluster.local.");
 
     // A ClusterIP Service: A to its ClusterIP, authoritative, TTL 5; AAAA is no data.
@@ -355,9 +368,9 @@ async fn services_endpoints_and_pods_answer_as_coredns_does() -> Result<()> {
 #[tokio::test]
 async fn a_service_change_is_answered_within_a_second() -> Result<()> {
     let stack = api_server().await?;
-    let c = &stack.client;
+    let c = &stack.admin;
     let ns = namespace(c, "dns-change").await?;
-    let (_dns, addr) = dns_server(c, vec![]).await?;
+    let (_dns, addr) = dns_server(&stack.client, vec![]).await?;
     let name = format!("late.{ns}.svc.cluster.local.");
     let m = query(addr, &name, RecordType::A).await?;
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
@@ -529,9 +542,8 @@ async fn upstream(relay: Option<SocketAddr>) -> Result<Upstream> {
 #[tokio::test]
 async fn other_names_are_forwarded_upstream_over_udp_and_tcp() -> Result<()> {
     let stack = api_server().await?;
-    let c = &stack.client;
     let up = upstream(None).await?;
-    let (_dns, addr) = dns_server(c, vec![up.addr]).await?;
+    let (_dns, addr) = dns_server(&stack.client, vec![up.addr]).await?;
 
     let m = query(addr, "www.upstream.test.", RecordType::A).await?;
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
@@ -563,7 +575,6 @@ async fn other_names_are_forwarded_upstream_over_udp_and_tcp() -> Result<()> {
 #[tokio::test]
 async fn loop_guard_never_forwards_to_this_server() -> Result<()> {
     let stack = api_server().await?;
-    let c = &stack.client;
 
     // An upstream that is this server's own listening address is dropped at start.
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
@@ -572,7 +583,7 @@ async fn loop_guard_never_forwards_to_this_server() -> Result<()> {
     let own: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let mut cfg = dns::Config::new(vec![own]);
     cfg.upstreams = vec![own];
-    let running = dns::start(c.clone(), cfg).await?;
+    let running = dns::start(stack.client.clone(), cfg).await?;
     let start = Instant::now();
     let m = query(own, "www.upstream.test.", RecordType::A).await?;
     assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
@@ -591,7 +602,7 @@ async fn loop_guard_never_forwards_to_this_server() -> Result<()> {
     let good = upstream(None).await?;
     let mut cfg = dns::Config::new(vec![own]);
     cfg.upstreams = vec![relay.addr, good.addr];
-    let _running = dns::start(c.clone(), cfg).await?;
+    let _running = dns::start(stack.client.clone(), cfg).await?;
     let m = query(own, "www.upstream.test.", RecordType::A).await?;
     assert_eq!(
         data(&m),
@@ -610,7 +621,7 @@ async fn loop_guard_never_forwards_to_this_server() -> Result<()> {
 #[tokio::test]
 async fn large_cluster_answers_are_truncated_over_udp_and_whole_over_tcp() -> Result<()> {
     let stack = api_server().await?;
-    let c = &stack.client;
+    let c = &stack.admin;
     let ns = namespace(c, "dns-big").await?;
     create::<Service>(
         c,
@@ -628,7 +639,7 @@ async fn large_cluster_answers_are_truncated_over_udp_and_whole_over_tcp() -> Re
             "addressType": "IPv4", "endpoints": eps}),
     )
     .await?;
-    let (_dns, addr) = dns_server(c, vec![]).await?;
+    let (_dns, addr) = dns_server(&stack.client, vec![]).await?;
     let name = format!("many.{ns}.svc.cluster.local.");
     let m = udp_query(addr, &name, RecordType::A, false).await?;
     assert!(m.metadata.truncation);

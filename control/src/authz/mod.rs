@@ -1,19 +1,24 @@
-//! Authorization: who may do what, decided before a request's body is read or stored.
+//! Authorization: who may do what, decided before a request's body is read or stored, as
+//! kube-apiserver's `--authorization-mode=Node,RBAC` decides it.
 //!
-//! Only node identities are restricted: a client certificate with user `system:node:<name>` in
-//! group `system:nodes` gets what Kubernetes' Node authorizer and NodeRestriction admission
-//! plugin give a kubelet (see `node`): it reads what its pods need and writes its own Node,
-//! Lease, its pods' status and events. Every other authenticated identity (the admin in
-//! `system:masters`, service-account tokens, other client certificates) may do everything:
-//! there is no RBAC yet. A `system:nodes` member whose user does not name a node gets nothing.
+//! Members of `system:masters` may do everything (kube-apiserver's privileged-group
+//! authorizer). A client certificate with user `system:node:<name>` in group `system:nodes`
+//! is decided first by the Node authorizer (see `node`): it reads what its pods need and
+//! writes its own Node, Lease, its pods' status and events. What the Node authorizer does not
+//! allow, and every other identity's request, is decided by RBAC (see `rbac`): Roles,
+//! ClusterRoles and their bindings, with the bootstrap policy of `crate::rbac_bootstrap`.
+//! Writes of roles and bindings are checked for privilege escalation (see `escalation`).
 //!
 //! Decisions come in two kinds, because kube-apiserver words them differently: what its
 //! authorizer refuses (`User "system:node:n1" cannot get resource "secrets" ...`) and what the
 //! NodeRestriction admission plugin refuses after reading the object (`nodes "n2" is forbidden:
 //! node "n1" is not allowed to modify node "n2"`). Both answer 403 Forbidden.
 
+pub mod escalation;
+pub mod impersonation;
 mod node;
 mod pod_refs;
+pub mod rbac;
 
 use std::fmt;
 
@@ -29,6 +34,29 @@ use crate::select::FieldSelector;
 use crate::status::ApiError;
 
 pub use pod_refs::PodRefs;
+pub use rbac::Rbac;
+
+/// What a request outside the resource paths asks for: `get` of `/apis`, say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonResource {
+    pub verb: String,
+    pub path: String,
+}
+
+impl NonResource {
+    /// The attributes of a request on `path`: the verb is the method's, lower case (`head`
+    /// counts as `get`, as in kube-apiserver).
+    pub fn of_request(method: &Method, path: &str) -> NonResource {
+        let verb = match *method {
+            Method::GET | Method::HEAD => "get".to_string(),
+            ref m => m.as_str().to_ascii_lowercase(),
+        };
+        NonResource {
+            verb,
+            path: path.to_string(),
+        }
+    }
+}
 
 /// A request verb, as authorization sees it (not the HTTP method).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,25 +213,40 @@ impl Attributes {
 /// Whom a request is decided for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Subject<'a> {
-    /// Everyone but nodes: no RBAC yet, so everything is allowed.
-    Unrestricted,
-    /// A node, by name.
+    /// A member of `system:masters`: allowed everything, whatever RBAC says.
+    Privileged,
+    /// A node, by name: the Node authorizer first, then RBAC.
     Node(&'a str),
-    /// In group `system:nodes` without a `system:node:<name>` user: nothing is allowed.
+    /// In group `system:nodes` without a `system:node:<name>` user: RBAC alone.
     UnknownNode,
+    /// Everyone else: RBAC alone.
+    Other,
 }
 
 impl<'a> Subject<'a> {
     pub fn of(id: &'a Identity) -> Subject<'a> {
         let in_group = |g: &str| id.groups.iter().any(|x| x == g);
-        if in_group("system:masters") || !in_group(NODES_GROUP) {
-            return Subject::Unrestricted;
+        if in_group("system:masters") {
+            return Subject::Privileged;
+        }
+        if !in_group(NODES_GROUP) {
+            return Subject::Other;
         }
         match id.user.strip_prefix(NODE_USER_PREFIX) {
             Some(node) if !node.is_empty() => Subject::Node(node),
             _ => Subject::UnknownNode,
         }
     }
+}
+
+/// The groups of an authenticated identity, `system:authenticated` included (as
+/// kube-apiserver's authentication adds it).
+pub fn groups_of(id: &Identity) -> Vec<String> {
+    let mut g = id.groups.clone();
+    if !g.iter().any(|x| x == "system:authenticated") {
+        g.push("system:authenticated".into());
+    }
+    g
 }
 
 /// The answer to a request.
@@ -296,13 +339,59 @@ impl From<Forbidden> for ApiError {
     }
 }
 
-/// Decides a request from its attributes alone (and, for a node, the pods bound to it).
-pub fn authorize(reg: &Registry, id: &Identity, attrs: &Attributes) -> Decision {
-    match Subject::of(id) {
-        Subject::Unrestricted => Decision::Allow,
-        Subject::UnknownNode => Decision::deny(format!("unknown node for user {:?}", id.user)),
-        Subject::Node(node) => node::authorize(reg, node, attrs),
+/// Decides a request from its attributes alone: Node (for nodes), then RBAC. A refusal carries
+/// the reasons both gave, one per line, as kube-apiserver's union of authorizers.
+pub fn authorize(reg: &Registry, rbac: &Rbac, id: &Identity, attrs: &Attributes) -> Decision {
+    let node_reason = match Subject::of(id) {
+        Subject::Privileged => return Decision::Allow,
+        Subject::Other => String::new(),
+        Subject::UnknownNode => format!("unknown node for user {:?}", id.user),
+        Subject::Node(node) => match node::authorize(reg, node, attrs) {
+            // NodeRestriction's refusals stand whatever RBAC grants, as admission follows
+            // authorization.
+            d @ (Decision::Allow | Decision::Restrict { .. }) => return d,
+            d => d.reason().to_string(),
+        },
+    };
+    match rbac.authorize(id, attrs) {
+        Ok(()) => Decision::Allow,
+        Err(r) => Decision::deny(
+            [node_reason, r]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
     }
+}
+
+/// Decides a request outside the resource paths: RBAC's `nonResourceURLs` rules.
+pub fn authorize_path(rbac: &Rbac, id: &Identity, n: &NonResource) -> Decision {
+    if Subject::of(id) == Subject::Privileged {
+        return Decision::Allow;
+    }
+    match rbac.authorize_path(id, n) {
+        Ok(()) => Decision::Allow,
+        Err(r) => Decision::deny(r),
+    }
+}
+
+/// Authorizes a request outside the resource paths: `Err` is the 403 to answer, worded as
+/// kube-apiserver's `forbidden: User "x" cannot get path "/apis"`.
+pub fn check_path(rbac: &Rbac, id: &Identity, n: &NonResource) -> Result<(), ApiError> {
+    let d = authorize_path(rbac, id, n);
+    if d.allowed() {
+        return Ok(());
+    }
+    let mut m = format!("User {:?} cannot {} path {:?}", id.user, n.verb, n.path);
+    if !d.reason().is_empty() {
+        m = format!("{m}: {}", d.reason());
+    }
+    debug!(user = id.user, verb = n.verb, path = n.path, "forbidden");
+    Err(ApiError {
+        details: Some(serde_json::json!({})),
+        ..ApiError::new(403, "Forbidden", format!("forbidden: {m}"))
+    })
 }
 
 /// Whether `admit` must see the request's object: a node's creates whose name or binding is
@@ -337,8 +426,13 @@ pub fn enforce(id: &Identity, attrs: &Attributes, decision: Decision) -> Result<
 }
 
 /// Authorizes a request: `Err` is the 403 to answer.
-pub fn check(reg: &Registry, id: &Identity, attrs: &Attributes) -> Result<(), Forbidden> {
-    enforce(id, attrs, authorize(reg, id, attrs))
+pub fn check(
+    reg: &Registry,
+    rbac: &Rbac,
+    id: &Identity,
+    attrs: &Attributes,
+) -> Result<(), Forbidden> {
+    enforce(id, attrs, authorize(reg, rbac, id, attrs))
 }
 
 /// Admits a request's object: `Err` is the 403 to answer. The name in the message is the
@@ -377,20 +471,17 @@ mod tests {
         );
         assert_eq!(
             Subject::of(&id("kubernetes-admin", &["system:masters"])),
-            Subject::Unrestricted
+            Subject::Privileged
         );
-        // A node name without the group is not a node; the group without a name is nothing.
-        assert_eq!(
-            Subject::of(&id("system:node:n1", &[])),
-            Subject::Unrestricted
-        );
+        // A node name without the group is not a node; the group without a name is no node.
+        assert_eq!(Subject::of(&id("system:node:n1", &[])), Subject::Other);
         assert_eq!(
             Subject::of(&id("someone", &["system:nodes"])),
             Subject::UnknownNode
         );
         assert_eq!(
             Subject::of(&id("system:node:n1", &["system:nodes", "system:masters"])),
-            Subject::Unrestricted
+            Subject::Privileged
         );
     }
 

@@ -12,6 +12,9 @@ use crate::registry::{meta_str, ListOptions, Registry};
 use crate::resources;
 use crate::select::FieldSelector;
 
+/// The annotation that marks a mirror pod (the API's copy of a node's static pod).
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// The namespace of node leases (heartbeats).
 pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 
@@ -119,9 +122,86 @@ fn pods(reg: &Registry, node: &str, a: &Attributes) -> Decision {
             )),
             _ => Decision::Allow,
         },
-        // No mirror pods (static pods) are served, so a node creates no pods at all.
+        // Mirror pods of the node's static pods; `admit` checks the object.
+        ("", Verb::Create) => Decision::Allow,
         _ => Decision::deny(""),
     }
+}
+
+/// NodeRestriction on a pod a node creates: only a mirror pod, bound to the node, owned by it
+/// at most, referencing no other object.
+fn mirror_pod(node: &str, pod: &Value) -> Decision {
+    let has_mirror = pod
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+        .is_some_and(|a| a.contains_key(MIRROR_ANNOTATION));
+    if !has_mirror {
+        return Decision::restrict(format!(
+            "pod does not have \"{MIRROR_ANNOTATION}\" annotation, node {node:?} can only create mirror pods"
+        ));
+    }
+    if pod.pointer("/spec/nodeName").and_then(Value::as_str) != Some(node) {
+        return Decision::restrict(format!(
+            "node {node:?} can only create pods with spec.nodeName set to itself"
+        ));
+    }
+    let owners = pod
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if owners.len() > 1 {
+        return Decision::restrict(format!(
+            "node {node:?} can only create pods with a single owner reference set to itself"
+        ));
+    }
+    if let Some(o) = owners.first() {
+        if o["apiVersion"] != "v1" || o["kind"] != "Node" || o["name"] != node {
+            return Decision::restrict(format!(
+                "node {node:?} can only create pods with an owner reference set to itself"
+            ));
+        }
+        if o["controller"] != true {
+            return Decision::restrict(format!(
+                "node {node:?} can only create pods with a controller owner reference set to itself"
+            ));
+        }
+        if o["blockOwnerDeletion"] == true {
+            return Decision::restrict(format!(
+                "node {node:?} must not set blockOwnerDeletion on an owner reference"
+            ));
+        }
+    }
+    let sa = pod
+        .pointer("/spec/serviceAccountName")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !sa.is_empty() {
+        return Decision::restrict(format!(
+            "node {node:?} can not create pods that reference a service account"
+        ));
+    }
+    let refs = PodRefs::of(pod);
+    if !refs.secrets.is_empty() {
+        return Decision::restrict(format!(
+            "node {node:?} can not create pods that reference secrets"
+        ));
+    }
+    if !refs.config_maps.is_empty() {
+        return Decision::restrict(format!(
+            "node {node:?} can not create pods that reference configmaps"
+        ));
+    }
+    let claims = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .is_some_and(|v| v.iter().any(|v| v.get("persistentVolumeClaim").is_some()));
+    if claims {
+        return Decision::restrict(format!(
+            "node {node:?} can not create pods that reference persistentvolumeclaims"
+        ));
+    }
+    Decision::Allow
 }
 
 /// Which objects a relationship check is about.
@@ -236,6 +316,7 @@ pub(super) fn needs_object(a: &Attributes) -> bool {
             a.subresource.as_str()
         ),
         ("", "nodes", "")
+            | ("", "pods", "")
             | ("", "serviceaccounts", "token")
             | ("coordination.k8s.io", "leases", "")
     )
@@ -250,6 +331,7 @@ pub(super) fn admit(reg: &Registry, node: &str, a: &Attributes, obj: &Value) -> 
         "nodes" => modify_node(node, meta_str(obj, "name")),
         "leases" if meta_str(obj, "name") != node => Decision::restrict(LEASE_NAME),
         "serviceaccounts" => token_binding(reg, node, a, obj),
+        "pods" => mirror_pod(node, obj),
         _ => Decision::Allow,
     }
 }
@@ -374,7 +456,7 @@ mod tests {
             d("delete", "pods", "default", "db"),
             Decision::Restrict { .. }
         ));
-        assert_eq!(d("create", "pods", "default", ""), Decision::deny(""));
+        assert_eq!(d("create", "pods", "default", ""), ok);
         assert_eq!(d("get", "pods/log", "default", "web"), Decision::deny(""));
 
         assert_eq!(d("get", "secrets", "default", "tls"), ok);
@@ -477,6 +559,28 @@ mod tests {
             adm(&token, bound("db")),
             Decision::restrict("node requested token bound to a pod scheduled on a different node")
         );
+        let pod = attrs("create", "pods", "default", "");
+        let mirror = |extra: serde_json::Value| {
+            let mut p = json!({"metadata": {"name": "web-n1",
+                "annotations": {"kubernetes.io/config.mirror": "h"},
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "u", "controller": true}]},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]}});
+            for (path, v) in extra.as_object().unwrap() {
+                *p.pointer_mut(path).unwrap() = v.clone();
+            }
+            p
+        };
+        assert_eq!(adm(&pod, mirror(json!({}))), Decision::Allow);
+        for (extra, why) in [
+            (json!({"/metadata/annotations": {}}), "pod does not have \"kubernetes.io/config.mirror\" annotation, node \"n1\" can only create mirror pods"),
+            (json!({"/spec/nodeName": "n2"}), "node \"n1\" can only create pods with spec.nodeName set to itself"),
+            (json!({"/metadata/ownerReferences/0/name": "n2"}), "node \"n1\" can only create pods with an owner reference set to itself"),
+            (json!({"/metadata/ownerReferences/0/controller": false}), "node \"n1\" can only create pods with a controller owner reference set to itself"),
+            (json!({"/spec/containers/0": {"name": "c", "image": "i", "envFrom": [{"secretRef": {"name": "s"}}]}}), "node \"n1\" can not create pods that reference secrets"),
+            (json!({"/spec/containers/0": {"name": "c", "image": "i", "envFrom": [{"configMapRef": {"name": "m"}}]}}), "node \"n1\" can not create pods that reference configmaps"),
+        ] {
+            assert_eq!(adm(&pod, mirror(extra)), Decision::restrict(why));
+        }
         let secret = json!({"kind": "Secret", "name": "x"});
         assert_eq!(
             adm(&token, json!({"spec": {"boundObjectRef": secret}})),
