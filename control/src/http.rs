@@ -12,7 +12,7 @@ use crate::status::{ApiError, ApiResult};
 pub type Body = BoxBody<Bytes, BoxError>;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The largest request body accepted (the real server's limit is about 3 MiB).
+/// The largest request body accepted, as on the real server (3 MiB).
 pub const MAX_BODY: usize = 3 * 1024 * 1024;
 
 pub fn full(b: impl Into<Bytes>) -> Body {
@@ -136,20 +136,43 @@ pub fn wants_table(accept: &[MediaType]) -> bool {
     false
 }
 
+/// How much of an oversized body is read (and dropped) before answering, so the client reads
+/// the 413 rather than a reset connection.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
 pub async fn read_body<B>(body: B) -> ApiResult<Bytes>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    let limited = http_body_util::Limited::new(body, MAX_BODY);
-    match limited.collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) => Err(ApiError::new(
+    let mut body = std::pin::pin!(body);
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::bad_request(format!("reading the request body: {}", e.into()))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if seen <= MAX_BODY {
+            buf.extend_from_slice(&data);
+        } else {
+            buf = bytes::BytesMut::new();
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    }
+    if seen > MAX_BODY {
+        return Err(ApiError::new(
             413,
             "RequestEntityTooLarge",
-            format!("request body: {e}"),
-        )),
+            format!("Request entity too large: limit is {MAX_BODY}"),
+        ));
     }
+    Ok(buf.freeze())
 }
 
 /// Parses a JSON or YAML request body into a value.

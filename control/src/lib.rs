@@ -11,6 +11,7 @@ pub mod certs;
 pub mod controllers;
 pub mod defaults;
 pub mod discovery;
+pub mod field_validation;
 pub mod gc;
 pub mod http;
 pub mod kubelet;
@@ -18,6 +19,7 @@ pub mod namespaces;
 pub mod openapi;
 pub mod patch;
 pub mod protobuf;
+pub mod rbac_bootstrap;
 pub mod registry;
 pub mod resources;
 pub mod rest;
@@ -31,6 +33,7 @@ pub mod table;
 pub mod tokens;
 pub mod validate;
 pub mod watch;
+pub mod watch_cache;
 
 pub use server::{start, up, Config, Server};
 

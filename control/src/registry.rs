@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use base64::Engine;
+use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use rand::Rng;
 use serde_json::{json, Value};
@@ -15,14 +16,19 @@ use crate::resources::{self, ResourceType};
 use crate::select::{FieldSelector, LabelSelector};
 use crate::services;
 use crate::status::{success_status, ApiError, ApiResult};
-use crate::store::{Decision, Entry, Store};
+use crate::store::{Decision, Entry, Store, StoreError};
 use crate::validate;
+use crate::watch_cache::{CachedList, WatchCache};
 
 #[derive(Clone)]
 pub struct Registry {
     pub store: Store,
-    /// Serialises ClusterIP/NodePort allocation with the create that uses it.
-    pub alloc: Arc<AsyncMutex<()>>,
+    /// Every resource's objects and recent events, kept from the store's commits: what
+    /// gets, lists and watches read.
+    pub cache: Arc<WatchCache>,
+    /// ClusterIPs and NodePorts in use; its lock serialises allocation with the create that
+    /// uses it.
+    pub alloc: Arc<AsyncMutex<services::Allocations>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -31,8 +37,11 @@ pub struct ListOptions {
     pub fields: FieldSelector,
     pub limit: usize,
     pub continue_token: Option<String>,
-    /// `resourceVersion` of the request; only used to pin pages.
+    /// `resourceVersion` of the request.
     pub resource_version: Option<String>,
+    /// `resourceVersionMatch`: `Exact` reads at that revision (from the store's log),
+    /// `NotOlderThan` (or none) the newest state (from the cache).
+    pub resource_version_match: Option<String>,
 }
 
 /// How a create or update writes.
@@ -62,6 +71,21 @@ pub struct Listed {
     pub rev: i64,
     pub continue_token: Option<String>,
     pub remaining: Option<i64>,
+}
+
+/// A list answer with each item as served JSON (no decoding on the way out).
+#[derive(Debug)]
+pub struct ListedJson {
+    pub items: Vec<Bytes>,
+    pub rev: i64,
+    pub continue_token: Option<String>,
+    pub remaining: Option<i64>,
+}
+
+/// A page from the cache, or (for an older revision) from the store.
+enum ListPage {
+    Cached(CachedList),
+    Stored(Listed),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -137,20 +161,36 @@ struct ContinueToken {
     start: String,
 }
 
+fn continue_token(rv: i64, more_after: Option<String>) -> Option<String> {
+    more_after.map(|start| {
+        let t = ContinueToken { rv, start };
+        base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(&t).expect("JSON serialises"))
+    })
+}
+
 impl Registry {
-    pub fn new(store: Store) -> Registry {
-        Registry {
+    /// The registry over `store`, with its watch cache primed from it.
+    pub fn open(store: Store) -> Result<Registry, StoreError> {
+        let cache = WatchCache::start(&store)?;
+        Ok(Registry {
             store,
-            alloc: Arc::new(AsyncMutex::new(())),
-        }
+            cache,
+            alloc: Arc::new(AsyncMutex::new(services::Allocations::default())),
+        })
+    }
+
+    /// As `open`, for stores known to be readable (in-memory ones in tests): panics when the
+    /// store cannot be listed.
+    pub fn new(store: Store) -> Registry {
+        Registry::open(store).expect("the store can be listed to prime the watch cache")
     }
 
     pub fn get(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> ApiResult<Value> {
-        let e = self
-            .store
-            .get(&rt.key(ns, name))
-            .map_err(|e| ApiError::from_store(e, rt, name))?;
-        Ok(decode(&e))
+        self.cache
+            .get(rt, &rt.key(ns, name))
+            .map(|o| o.value())
+            .ok_or_else(|| ApiError::not_found(rt, name))
     }
 
     /// Lists objects at one revision, filtered and paged.
@@ -160,29 +200,151 @@ impl Registry {
         ns: Option<&str>,
         opts: &ListOptions,
     ) -> ApiResult<Listed> {
+        Ok(match self.list_page(rt, ns, opts)? {
+            ListPage::Stored(l) => l,
+            ListPage::Cached(c) => Listed {
+                items: c.items.iter().map(|o| o.value()).collect(),
+                rev: c.rev,
+                continue_token: continue_token(c.rev, c.more_after),
+                remaining: c.remaining,
+            },
+        })
+    }
+
+    /// As `list`, with each item as the JSON the server sends.
+    pub fn list_json(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        opts: &ListOptions,
+    ) -> ApiResult<ListedJson> {
+        Ok(match self.list_page(rt, ns, opts)? {
+            ListPage::Stored(l) => ListedJson {
+                items: l
+                    .items
+                    .iter()
+                    .map(|v| Bytes::from(serde_json::to_vec(v).expect("JSON serialises")))
+                    .collect(),
+                rev: l.rev,
+                continue_token: l.continue_token,
+                remaining: l.remaining,
+            },
+            ListPage::Cached(c) => ListedJson {
+                items: c.items.iter().map(|o| o.json.clone()).collect(),
+                rev: c.rev,
+                continue_token: continue_token(c.rev, c.more_after),
+                remaining: c.remaining,
+            },
+        })
+    }
+
+    /// The newest state comes from the cache; an exact older revision, or the next page of
+    /// a list whose resource changed since its first page, from the store's log.
+    fn list_page(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        opts: &ListOptions,
+    ) -> ApiResult<ListPage> {
         let prefix = rt.ns_prefix(ns);
-        let (at, after) = match &opts.continue_token {
+        let (token_rv, after) = match &opts.continue_token {
             Some(t) => {
                 let raw = base64::engine::general_purpose::STANDARD
                     .decode(t)
                     .ok()
                     .and_then(|b| serde_json::from_slice::<ContinueToken>(&b).ok())
                     .ok_or_else(|| ApiError::bad_request("continue key is not valid"))?;
-                (raw.rv, Some(raw.start))
+                (Some(raw.rv), Some(raw.start))
             }
-            None => (0, None),
+            None => (None, None),
         };
+        let rv = parse_rv(opts.resource_version.as_deref().unwrap_or(""))?;
+        match (opts.resource_version_match.as_deref(), rv) {
+            (None | Some(""), _) => {}
+            (Some(_), None) => {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                ))
+            }
+            (Some("Exact"), Some(0)) => {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
+                ))
+            }
+            (Some("Exact"), Some(at)) if token_rv.is_none() => {
+                return Ok(ListPage::Stored(
+                    self.list_stored(rt, &prefix, opts, at, None)?,
+                ));
+            }
+            (Some("Exact" | "NotOlderThan"), _) => {}
+            (Some(other), _) => {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported resourceVersionMatch {other:?}: Exact or NotOlderThan"
+                )))
+            }
+        }
+        if let Some(want) = rv.filter(|r| *r > 0 && token_rv.is_none()) {
+            self.wait_for(want)?;
+        }
+        let cached = self
+            .cache
+            .list(rt, &prefix, opts, after.as_deref(), token_rv);
+        match cached {
+            Some(c) => Ok(ListPage::Cached(c)),
+            None => Ok(ListPage::Stored(self.list_stored(
+                rt,
+                &prefix,
+                opts,
+                token_rv.unwrap_or(0),
+                after,
+            )?)),
+        }
+    }
+
+    /// A read "not older than" `rev`: waits briefly for a revision not written yet, as
+    /// kube-apiserver does, then answers 504.
+    fn wait_for(&self, rev: i64) -> ApiResult<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            let cur = self.store.current_rev().unwrap_or(0);
+            if cur >= rev {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    504,
+                    "Timeout",
+                    format!("Too large resource version: {rev}, current: {cur}"),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// Lists from the store's log at revision `at` (0: newest), after key `after`.
+    fn list_stored(
+        &self,
+        rt: &ResourceType,
+        prefix: &str,
+        opts: &ListOptions,
+        at: i64,
+        after: Option<String>,
+    ) -> ApiResult<Listed> {
         let filtered = !opts.labels.is_empty() || opts.fields != FieldSelector::default();
         // With selectors, pages are filled by scanning in chunks until `limit` matches.
         let chunk = if filtered { 0 } else { opts.limit };
+        let continuing = after.is_some();
         let page = self
             .store
-            .list(&prefix, at, after.as_deref(), chunk)
+            .list(prefix, at, after.as_deref(), chunk)
             .map_err(|e| match e {
-                crate::store::StoreError::Gone { .. } => ApiError::gone(
+                StoreError::Gone { .. } if continuing => ApiError::gone(
                     "The provided continue parameter is too old to display a consistent list result. \
                      You can start a new list without the continue parameter.",
                 ),
+                StoreError::Gone { .. } => {
+                    ApiError::gone("The resourceVersion for the provided list is too old.")
+                }
                 other => ApiError::from_store(other, rt, ""),
             })?;
         let mut items = Vec::new();
@@ -202,14 +364,9 @@ impl Registry {
             items.push(v);
         }
         let more_after = if filtered { last_key } else { page.more_after };
-        let token = more_after.map(|start| {
-            let t = ContinueToken {
-                rv: page.rev,
-                start,
-            };
-            base64::engine::general_purpose::STANDARD.encode(serde_json::to_vec(&t).unwrap())
-        });
-        let remaining = token.as_ref().map(|_| remaining);
+        let token = continue_token(page.rev, more_after);
+        // Counted only without selectors, as kube-apiserver does.
+        let remaining = token.as_ref().filter(|_| !filtered).map(|_| remaining);
         Ok(Listed {
             items,
             rev: page.rev,
@@ -271,6 +428,7 @@ impl Registry {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
+        let mut generated = None;
         if name.is_empty() {
             if let Some(g) = meta
                 .get("generateName")
@@ -278,6 +436,7 @@ impl Registry {
                 .filter(|g| !g.is_empty())
             {
                 let n = format!("{g}{}", random_suffix());
+                generated = Some(g.to_string());
                 meta.insert("name".into(), json!(n));
             }
         }
@@ -317,8 +476,8 @@ impl Registry {
         }
         self.check_namespace(rt, ns)?;
         let _alloc = if rt.kind == "Service" {
-            let guard = self.alloc.lock().await;
-            services::allocate(self, &mut obj)?;
+            let mut guard = self.alloc.lock().await;
+            services::allocate(self, &mut guard, &mut obj)?;
             Some(guard)
         } else {
             None
@@ -329,11 +488,22 @@ impl Registry {
         if opts.dry_run {
             return Ok(obj);
         }
-        let e = self
-            .store
-            .create(&rt.key(ns, &name), &encode(&obj))
-            .map_err(|e| ApiError::from_store(e, rt, &name))?;
-        Ok(decode(&e))
+        let mut name = name;
+        // A generated name that is taken gets another suffix, as kube-apiserver 1.31+.
+        for attempt in 0.. {
+            match self.store.create(&rt.key(ns, &name), &encode(&obj)) {
+                Ok(e) => return Ok(decode(&e)),
+                Err(crate::store::StoreError::AlreadyExists) if attempt < 8 => {
+                    let Some(g) = &generated else {
+                        return Err(ApiError::already_exists(rt, &name));
+                    };
+                    name = format!("{g}{}", random_suffix());
+                    obj["metadata"]["name"] = json!(name);
+                }
+                Err(e) => return Err(ApiError::from_store(e, rt, &name)),
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Update (PUT) of the object or, with `status`, of its status subresource.
@@ -467,7 +637,8 @@ impl Registry {
         if rt.kind == "Secret" {
             fold_string_data(&mut new);
         }
-        let causes = validate::fields(rt, &new);
+        let mut causes = validate::fields(rt, &new);
+        causes.extend(validate::update(rt, old, &new));
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, meta_str(old, "name"), causes));
         }

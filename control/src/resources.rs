@@ -295,7 +295,49 @@ pub static TYPES: &[ResourceType] = &[
         false,
         false
     ),
+    rt!(RBAC_GROUP, "v1", "roles", "role", "Role", true, NONE, NONE, NONE, false, false),
+    rt!(
+        RBAC_GROUP,
+        "v1",
+        "rolebindings",
+        "rolebinding",
+        "RoleBinding",
+        true,
+        NONE,
+        NONE,
+        NONE,
+        false,
+        false
+    ),
+    rt!(
+        RBAC_GROUP,
+        "v1",
+        "clusterroles",
+        "clusterrole",
+        "ClusterRole",
+        false,
+        NONE,
+        NONE,
+        NONE,
+        false,
+        false
+    ),
+    rt!(
+        RBAC_GROUP,
+        "v1",
+        "clusterrolebindings",
+        "clusterrolebinding",
+        "ClusterRoleBinding",
+        false,
+        NONE,
+        NONE,
+        NONE,
+        false,
+        false
+    ),
 ];
+
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
 /// Groups in discovery order (the core group is served under /api, not listed here).
 pub static GROUPS: &[(&str, &str)] = &[
@@ -303,6 +345,7 @@ pub static GROUPS: &[(&str, &str)] = &[
     ("batch", "v1"),
     ("discovery.k8s.io", "v1"),
     ("coordination.k8s.io", "v1"),
+    (RBAC_GROUP, "v1"),
 ];
 
 const fn review(group: &'static str, plural: &'static str, kind: &'static str) -> ResourceType {
@@ -334,14 +377,26 @@ pub static REVIEWS: &[ResourceType] = &[
         "selfsubjectaccessreviews",
         "SelfSubjectAccessReview",
     ),
+    review(
+        "authorization.k8s.io",
+        "selfsubjectrulesreviews",
+        "SelfSubjectRulesReview",
+    ),
+    review(
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "SubjectAccessReview",
+    ),
 ];
 
 /// All groups in discovery: those with stored types, then the review groups.
 pub fn discovery_groups() -> impl Iterator<Item = (&'static str, &'static str)> {
-    GROUPS
+    let reviews = REVIEWS
         .iter()
-        .copied()
-        .chain(REVIEWS.iter().map(|r| (r.group, r.version)))
+        .enumerate()
+        .filter(|(i, r)| !REVIEWS[..*i].iter().any(|p| p.group == r.group))
+        .map(|(_, r)| (r.group, r.version));
+    GROUPS.iter().copied().chain(reviews)
 }
 
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {

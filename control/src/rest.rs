@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use hyper::{Method, Response};
 use serde_json::{json, Value};
 
+use crate::field_validation as fv;
 use crate::http::{self, Body, MediaType};
 use crate::patch::{self, PatchType};
 use crate::registry::{
@@ -44,8 +45,22 @@ impl Call {
         }
     }
 
+    /// Unknown and duplicate fields of a request, handled as its `fieldValidation` says: an
+    /// error (with the decoder's `prefix`), or the warnings to answer with.
+    fn check_fields(&self, obj: &Value, body: &[u8], prefix: &str) -> ApiResult<Vec<String>> {
+        match fv::Directive::from_query(&self.query)? {
+            fv::Directive::Ignore => Ok(Vec::new()),
+            d => fv::Findings::of(self.rt, obj, body)?.enforce(d, prefix),
+        }
+    }
+
     /// Answers `obj` as JSON, or as a Table when the client asked for one.
     fn answer(&self, code: u16, obj: Value) -> Response<Body> {
+        if crate::protobuf::wants_protobuf(&self.accept) {
+            if let Some(r) = crate::protobuf::encode::response(code, &obj) {
+                return r;
+            }
+        }
         if http::wants_table(&self.accept)
             && obj.get("kind").and_then(Value::as_str) != Some("Status")
         {
@@ -72,6 +87,7 @@ pub fn list_options(q: &HashMap<String, String>) -> ApiResult<ListOptions> {
         },
         continue_token: q.get("continue").filter(|c| !c.is_empty()).cloned(),
         resource_version: q.get("resourceVersion").cloned(),
+        resource_version_match: q.get("resourceVersionMatch").cloned(),
     })
 }
 
@@ -88,8 +104,14 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         (&Method::POST, None, None) => {
             let obj = http::parse_object(&c.content_type, body)?;
             check_kind(rt, &obj)?;
+            let warnings = c.check_fields(&obj, body, &fv::decode_prefix(rt))?;
+            let mut obj = obj;
+            if let Some(m) = c.query.get("fieldManager").filter(|m| !m.is_empty()) {
+                let now = crate::registry::now();
+                crate::apply::record_update(None, &mut obj, m, &rt.api_version(), &now);
+            }
             let created = reg.create(rt, c.ns(), obj, c.write()).await?;
-            Ok(c.answer(201, created))
+            Ok(fv::with_warnings(c.answer(201, created), &warnings))
         }
         (&Method::POST, Some(name), Some("binding")) if rt.kind == "Pod" => {
             bind(reg, &c, name, body)
@@ -110,8 +132,16 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         (&Method::PUT, Some(name), sub @ (None | Some("status"))) => {
             let obj = http::parse_object(&c.content_type, body)?;
             check_kind(rt, &obj)?;
+            let warnings = c.check_fields(&obj, body, &fv::decode_prefix(rt))?;
+            let mut obj = obj;
+            if let Some(m) = c.query.get("fieldManager").filter(|m| !m.is_empty()) {
+                let cur = reg.get(rt, c.ns(), name)?;
+                let now = crate::registry::now();
+                crate::apply::record_update(Some(&cur), &mut obj, m, &rt.api_version(), &now);
+            }
             let status = sub == Some("status");
-            Ok(c.answer(200, reg.update(rt, c.ns(), name, obj, status, c.write())?))
+            let updated = reg.update(rt, c.ns(), name, obj, status, c.write())?;
+            Ok(fv::with_warnings(c.answer(200, updated), &warnings))
         }
         (&Method::PUT, Some(name), Some("scale")) if has_sub(rt, "scale") => {
             let scale = http::parse_object(&c.content_type, body)?;
@@ -136,14 +166,44 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         (&Method::DELETE, None, None) => {
             let opts = delete_options(&c.query, body)?;
             let Listed { items, rev, .. } = reg.list(rt, c.ns(), &list_options(&c.query)?)?;
+            // Deleted from several threads at once, so the deletions share commits.
+            let workers = items.len().clamp(1, 16);
+            let results: Vec<ApiResult<Option<Value>>> = std::thread::scope(|s| {
+                let chunks: Vec<_> = (0..workers)
+                    .map(|w| {
+                        let (items, opts) = (&items, &opts);
+                        s.spawn(move || {
+                            items
+                                .iter()
+                                .skip(w)
+                                .step_by(workers)
+                                .map(|item| {
+                                    let ns = meta_str(item, "namespace").to_string();
+                                    let ns = (!ns.is_empty()).then_some(ns);
+                                    match reg.delete(
+                                        rt,
+                                        ns.as_deref(),
+                                        meta_str(item, "name"),
+                                        opts,
+                                    ) {
+                                        Ok(_) => Ok(Some(item.clone())),
+                                        Err(e) if e.code == 404 => Ok(None),
+                                        Err(e) => Err(e),
+                                    }
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                chunks
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            });
             let mut deleted = Vec::new();
-            for item in items {
-                let ns = meta_str(&item, "namespace").to_string();
-                let ns = (!ns.is_empty()).then_some(ns);
-                match reg.delete(rt, ns.as_deref(), meta_str(&item, "name"), &opts) {
-                    Ok(_) => deleted.push(item),
-                    Err(e) if e.code == 404 => {}
-                    Err(e) => return Err(e),
+            for r in results {
+                if let Some(item) = r? {
+                    deleted.push(item);
                 }
             }
             let out = json!({"kind": rt.list_kind(), "apiVersion": rt.api_version(),
@@ -167,7 +227,21 @@ fn has_sub(rt: &ResourceType, sub: &str) -> bool {
 fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
     let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
     let av = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-    if (!kind.is_empty() && kind != rt.kind) || (!av.is_empty() && av != rt.api_version()) {
+    if !kind.is_empty() && kind != rt.kind {
+        // The decoder reads the data as its own kind, which does not convert to this one.
+        let version = av.rsplit('/').next().unwrap_or(av);
+        let internal = rt
+            .group
+            .split('.')
+            .next()
+            .filter(|g| !g.is_empty())
+            .unwrap_or("core");
+        return Err(ApiError::bad_request(format!(
+            "{kind} in version \"{version}\" cannot be handled as a {want}: converting ({version}.{kind}) to ({internal}.{want}): unknown conversion",
+            want = rt.kind
+        )));
+    }
+    if !av.is_empty() && av != rt.api_version() {
         return Err(ApiError::bad_request(format!(
             "the API version in the data ({av}) does not match the expected API version ({})",
             rt.api_version()
@@ -178,31 +252,69 @@ fn check_kind(rt: &ResourceType, obj: &Value) -> ApiResult<()> {
 
 fn list(reg: &Registry, c: &Call) -> ApiResult<Response<Body>> {
     let opts = list_options(&c.query)?;
-    let Listed {
-        items,
-        rev,
-        continue_token: token,
-        remaining,
-    } = reg.list(c.rt, c.ns(), &opts)?;
-    let mut meta = json!({"resourceVersion": rev.to_string()});
-    if let Some(t) = token {
-        meta["continue"] = json!(t);
-    }
-    if let Some(r) = remaining {
-        meta["remainingItemCount"] = json!(r);
-    }
+    let page_meta = |rev: i64, token: Option<String>, remaining: Option<i64>| {
+        let mut meta = json!({"resourceVersion": rev.to_string()});
+        if let Some(t) = token {
+            meta["continue"] = json!(t);
+        }
+        if let Some(r) = remaining {
+            meta["remainingItemCount"] = json!(r);
+        }
+        meta
+    };
     if http::wants_table(&c.accept) {
+        let Listed {
+            items,
+            rev,
+            continue_token,
+            remaining,
+        } = reg.list(c.rt, c.ns(), &opts)?;
         let include = c
             .query
             .get("includeObject")
             .map_or("Metadata", String::as_str);
+        let meta = page_meta(rev, continue_token, remaining);
         return Ok(http::json_response(
             200,
             &table::table(c.rt, &items, meta, include, true),
         ));
     }
-    let out = json!({"kind": c.rt.list_kind(), "apiVersion": c.rt.api_version(), "metadata": meta, "items": items});
-    Ok(http::json_response(200, &out))
+    if crate::protobuf::wants_protobuf(&c.accept) {
+        let Listed {
+            items,
+            rev,
+            continue_token,
+            remaining,
+        } = reg.list(c.rt, c.ns(), &opts)?;
+        let meta = page_meta(rev, continue_token, remaining);
+        let out = json!({"kind": c.rt.list_kind(), "apiVersion": c.rt.api_version(), "metadata": meta, "items": items});
+        if let Some(r) = crate::protobuf::encode::response(200, &out) {
+            return Ok(r);
+        }
+        return Ok(http::json_response(200, &out));
+    }
+    // The items are the cache's JSON as is: nothing is decoded or encoded per item.
+    let l = reg.list_json(c.rt, c.ns(), &opts)?;
+    let head = json!({"kind": c.rt.list_kind(), "apiVersion": c.rt.api_version(),
+        "metadata": page_meta(l.rev, l.continue_token, l.remaining)});
+    let mut out = serde_json::to_vec(&head).expect("JSON serialises");
+    out.pop(); // the closing brace
+    let size: usize = l.items.iter().map(|i| i.len() + 1).sum();
+    out.reserve(size + 16);
+    out.extend_from_slice(b",\"items\":[");
+    for (i, item) in l.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(item);
+    }
+    out.extend_from_slice(b"]}");
+    Ok(Response::builder()
+        .status(200)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CACHE_CONTROL, "no-cache, private")
+        .body(http::full(out))
+        .expect("valid response"))
 }
 
 fn delete_options(q: &HashMap<String, String>, body: &[u8]) -> ApiResult<DeleteOptions> {
@@ -265,6 +377,7 @@ async fn patch_object(
             .map_err(|e| ApiError::bad_request(format!("invalid patch: {e}")))?,
     };
     let manager = c.query.get("fieldManager").cloned().unwrap_or_default();
+    let force = http::flag(&c.query, "force");
     if kind == PatchType::Apply {
         if manager.is_empty() {
             return Err(ApiError::bad_request(
@@ -276,6 +389,7 @@ async fn patch_object(
                 "an apply configuration must be an object",
             ));
         }
+        crate::apply::check_schema(rt, c.ns(), name, &p)?;
     }
     let now = crate::registry::now();
     // A patch that names a resourceVersion must match it; others are retried on conflict, as
@@ -287,7 +401,7 @@ async fn patch_object(
             Err(e) if e.code == 404 && kind == PatchType::Apply && sub.is_none() => {
                 check_kind(rt, &p)?;
                 let mut obj = json!({"metadata": {"name": name}});
-                crate::apply::apply(&mut obj, &p, &manager, &rt.api_version(), &now);
+                crate::apply::apply(&mut obj, &p, &manager, &rt.api_version(), &now, force)?;
                 return Ok(c.answer(201, reg.create(rt, c.ns(), obj, c.write()).await?));
             }
             Err(e) => return Err(e),
@@ -306,17 +420,32 @@ async fn patch_object(
         let mut doc = cur.clone();
         match kind {
             PatchType::Apply => {
-                crate::apply::apply(&mut doc, &p, &manager, &rt.api_version(), &now)
+                crate::apply::apply(&mut doc, &p, &manager, &rt.api_version(), &now, force)?
             }
-            _ => patch::apply(kind, &mut doc, &p)?,
+            _ => {
+                patch::apply(kind, &mut doc, &p)?;
+                if !manager.is_empty() {
+                    crate::apply::record_update(
+                        Some(&cur),
+                        &mut doc,
+                        &manager,
+                        &rt.api_version(),
+                        &now,
+                    );
+                }
+            }
         }
+        let warnings = match kind {
+            PatchType::Apply => Vec::new(),
+            _ => c.check_fields(&doc, body, "")?,
+        };
         if kind == PatchType::Apply && !pinned {
             // Apply is not a conditional write unless the configuration says so.
             doc["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
         }
         match reg.update(rt, c.ns(), name, doc, sub == Some("status"), c.write()) {
             Err(e) if e.code == 409 && !pinned => continue,
-            r => return Ok(c.answer(200, r?)),
+            r => return Ok(fv::with_warnings(c.answer(200, r?), &warnings)),
         }
     }
     Err(ApiError::conflict(rt, name))

@@ -111,6 +111,15 @@ impl LabelSelector {
         self.0.is_empty()
     }
 
+    /// The value label `key` must equal, when the selector requires one.
+    pub fn required(&self, key: &str) -> Option<&str> {
+        self.0.iter().find_map(|r| match r {
+            LabelReq::Eq(k, v) if k == key => Some(v.as_str()),
+            LabelReq::In(k, vs) if k == key && vs.len() == 1 => Some(vs[0].as_str()),
+            _ => None,
+        })
+    }
+
     pub fn matches(&self, labels: Option<&Value>) -> bool {
         let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
         self.0.iter().all(|r| match r {
@@ -178,6 +187,25 @@ impl FieldSelector {
         self.0
             .iter()
             .any(|(k, eq, v)| k == field && *eq && v == value)
+    }
+
+    /// The value `field` must equal, when the selector requires one.
+    pub fn required(&self, field: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, eq, _)| k == field && *eq)
+            .map(|(_, _, v)| v.as_str())
+    }
+
+    /// Whether the selector names no field but these.
+    pub fn only(&self, allowed: &[&str]) -> bool {
+        self.0.iter().all(|(k, _, _)| allowed.contains(&k.as_str()))
+    }
+
+    /// Whether every field named is at most two levels deep (`spec.nodeName`, not
+    /// `spec.a.b`): those are the ones a watch can match on an object's summary.
+    pub fn shallow(&self) -> bool {
+        self.0.iter().all(|(k, _, _)| k.split('.').count() <= 2)
     }
 
     pub fn matches(&self, obj: &Value) -> bool {

@@ -33,6 +33,14 @@ pub struct Config {
     /// Run the controllers and the scheduler (off: the API server alone).
     pub controllers: bool,
     pub controller_cfg: crate::controllers::Config,
+    /// Audiences a service account token must name to be accepted (`--api-audiences`; the
+    /// issuer when empty).
+    pub api_audiences: Vec<String>,
+    /// How long the revision log keeps history: a watch may resume from any revision written
+    /// within it (5 minutes, as kube-apiserver's etcd compaction).
+    pub keep_revisions_for: Duration,
+    /// How often history older than that is removed.
+    pub compact_every: Duration,
 }
 
 impl Config {
@@ -43,6 +51,9 @@ impl Config {
             kubeconfig: PathBuf::from("/etc/oxlet/admin.kubeconfig"),
             controllers: true,
             controller_cfg: crate::controllers::Config::default(),
+            api_audiences: Vec::new(),
+            keep_revisions_for: Duration::from_secs(300),
+            compact_every: Duration::from_secs(60),
         }
     }
 }
@@ -72,6 +83,7 @@ struct State {
     server_url: String,
     kubelet_tls: Arc<tokio_rustls::rustls::ClientConfig>,
     signer: Arc<crate::tokens::Signer>,
+    rbac: authz::Rbac,
 }
 
 /// A running server; dropping it does not stop it, `stop` does.
@@ -147,6 +159,8 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
         pki.issue_node("node", &host)?;
     }
     crate::namespaces::bootstrap(&reg).await?;
+    crate::rbac_bootstrap::reconcile(&reg).await?;
+    let rbac = authz::Rbac::start(&reg).await?;
     if let Some(ip) = crate::namespaces::advertise_address(addr) {
         crate::namespaces::kubernetes_endpoints(&reg, ip, addr.port()).await?;
     }
@@ -172,13 +186,21 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
         reg: reg.clone(),
         server_url,
         kubelet_tls: certs::kubelet_client_config(&pki)?,
-        signer: Arc::new(crate::tokens::Signer::load_or_create(&pki.dir)?),
+        signer: Arc::new(crate::tokens::Signer::load_or_create(
+            &pki.dir,
+            cfg.api_audiences.clone(),
+        )?),
+        rbac,
     });
     info!(%addr, kubeconfig = %cfg.kubeconfig.display(), "API server listening");
     let serve = tokio::spawn(accept_loop(listener, acceptor, state.clone()));
     let ns = tokio::spawn(crate::namespaces::run(reg.clone(), ca_pem));
     let gc = tokio::spawn(crate::gc::run(reg.clone()));
-    let compact = tokio::spawn(compactor(reg.store.clone()));
+    let compact = tokio::spawn(compactor(
+        reg.store.clone(),
+        cfg.keep_revisions_for,
+        cfg.compact_every,
+    ));
     let mut tasks = vec![serve, ns, gc, compact];
     if cfg.controllers {
         let cm = client(
@@ -201,20 +223,32 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
     })
 }
 
-/// Keeps the last revisions, like kine: watches may resume within them.
-async fn compactor(store: Store) {
-    const KEEP: i64 = 1000;
-    let mut tick = tokio::time::interval(Duration::from_secs(300));
+/// Removes history older than `keep_for`: the revision current `keep_for` ago (sampled every
+/// `every`) becomes the compacted one.
+async fn compactor(store: Store, keep_for: Duration, every: Duration) {
+    let mut samples: std::collections::VecDeque<(tokio::time::Instant, i64)> =
+        std::collections::VecDeque::new();
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
+        let now = tokio::time::Instant::now();
+        if let Ok(rev) = store.current_rev() {
+            samples.push_back((now, rev));
+        }
+        let mut upto = None;
+        while let Some(&(t, rev)) = samples.front() {
+            if now.duration_since(t) < keep_for {
+                break;
+            }
+            upto = Some(rev);
+            samples.pop_front();
+        }
+        let Some(rev) = upto else {
+            continue;
+        };
         let store = store.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            let cur = store.current_rev()?;
-            store.compact(cur - KEEP)
-        })
-        .await;
-        match r {
-            Ok(Ok(n)) if n > 0 => debug!(removed = n, "compacted"),
+        match tokio::task::spawn_blocking(move || store.compact(rev)).await {
+            Ok(Ok(n)) if n > 0 => debug!(removed = n, rev, "compacted"),
             Ok(Err(e)) => warn!("compaction: {e}"),
             _ => {}
         }
@@ -323,6 +357,16 @@ async fn dispatch<B: RequestBody>(
     if id.is_none() && !public {
         return Err(ApiError::unauthorized());
     }
+    let impersonated = match id {
+        Some(id) => authz::impersonation::impersonated(&state.reg, &state.rbac, id, req.headers())?,
+        None => None,
+    };
+    let id = impersonated.as_ref().or(id);
+    let resource_path = matches!(segs.as_slice(), ["api", _, _, ..] | ["apis", _, _, _, ..]);
+    if let (Some(id), false, false) = (id, public, resource_path) {
+        let n = authz::NonResource::of_request(req.method(), req.uri().path());
+        authz::check_path(&state.rbac, id, &n)?;
+    }
     let accept = http::parse_accept(
         req.headers()
             .get(header::ACCEPT)
@@ -366,19 +410,13 @@ async fn dispatch<B: RequestBody>(
                 .map(|v| http::json_response(200, &v))
                 .ok_or_else(ApiError::path_not_found);
         }
-        ["openapi", "v2"] | ["swagger-2.0.0.pb-v1"] => {
-            return Ok(Response::builder()
-                .header(header::CONTENT_TYPE, openapi::V2_PROTOBUF_TYPE)
-                .body(http::full(openapi::v2_protobuf()))
-                .expect("valid response"));
-        }
-        ["openapi", "v3"] => return Ok(http::json_response(200, &openapi::root())),
-        ["openapi", "v3", rest @ ..] => {
-            return openapi::group_version(&rest.join("/"))
-                .map(|v| http::json_response(200, &v))
-                .ok_or_else(ApiError::path_not_found);
-        }
         _ => {}
+    }
+    if is_get {
+        let query = http::parse_query(req.uri().query());
+        if let Some(r) = openapi::serve(&segs, &query, req.headers(), &accept) {
+            return r;
+        }
     }
     if let (Some(id), ["apis", group, "v1", plural]) = (id, segs.as_slice()) {
         if req.method() == Method::POST
@@ -392,12 +430,27 @@ async fn dispatch<B: RequestBody>(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("application/json")
                 .to_string();
+            let review = authz::Attributes {
+                verb: authz::Verb::Create,
+                group: group.to_string(),
+                resource: plural.to_string(),
+                subresource: String::new(),
+                namespace: String::new(),
+                name: String::new(),
+                fields: Default::default(),
+            };
+            authz::check(&state.reg, &state.rbac, id, &review)?;
             let body = http::parse_object(&ct, &http::read_body(req.into_body()).await?)?;
+            let (reg, rbac) = (&state.reg, &state.rbac);
             let out = match *plural {
                 "selfsubjectreviews" => {
                     crate::auth::self_subject_review(id, "authentication.k8s.io/v1")
                 }
-                _ => crate::auth::self_subject_access_review(&state.reg, id, &body),
+                "selfsubjectrulesreviews" => {
+                    crate::auth::self_subject_rules_review(rbac, id, &body)
+                }
+                "subjectaccessreviews" => crate::auth::subject_access_review(reg, rbac, &body),
+                _ => crate::auth::self_subject_access_review(reg, rbac, id, &body),
             };
             return Ok(http::json_response(201, &out));
         }
@@ -453,7 +506,7 @@ async fn dispatch<B: RequestBody>(
     };
     // Before the body is read: a refused write stores nothing.
     let attrs = authz::Attributes::of_call(&call);
-    authz::check(&state.reg, id, &attrs)?;
+    authz::check(&state.reg, &state.rbac, id, &attrs)?;
     if rt.kind == "Pod" && matches!(sub, Some("log" | "exec" | "attach" | "portforward")) {
         let (parts, body) = req.into_parts();
         let Some(incoming) = body.into_incoming() else {
@@ -483,15 +536,69 @@ async fn dispatch<B: RequestBody>(
         let obj = http::parse_object(&call.content_type, &body)?;
         authz::check_object(&state.reg, id, &attrs, &obj)?;
     }
+    if authz::escalation::applies(id, &attrs) {
+        let obj = written_object(&state.reg, &call, &body).await?;
+        authz::escalation::check(&state.reg, &state.rbac, id, &attrs, &obj)?;
+    }
+    let rbac_write = rt.group == crate::resources::RBAC_GROUP && call.method != Method::GET;
     let work = rest::handle(&state.reg, call, &body);
     // Writes wait for SQLite's fsync; on a multi-threaded runtime, let the other workers carry
     // on with watches and reads meanwhile.
-    let rt = tokio::runtime::Handle::current();
-    if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-        tokio::task::block_in_place(|| rt.block_on(work))
+    let handle = tokio::runtime::Handle::current();
+    let resp = if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| handle.block_on(work))
     } else {
         work.await
+    };
+    if rbac_write {
+        // The writer's next request is decided by what it just wrote.
+        if let Ok(rev) = state.reg.store.current_rev() {
+            state.rbac.caught_up(rev).await;
+        }
     }
+    resp
+}
+
+/// The role or binding a write would store: the body of a create or update, the result of a
+/// patch (found by a dry run).
+async fn written_object(
+    reg: &Registry,
+    call: &Call,
+    body: &[u8],
+) -> Result<serde_json::Value, ApiError> {
+    if call.method != Method::PATCH {
+        return http::parse_object(&call.content_type, body);
+    }
+    let mut query = call.query.clone();
+    query.insert("dryRun".into(), "All".into());
+    let dry = Call {
+        method: call.method.clone(),
+        rt: call.rt,
+        ns: call.ns.clone(),
+        name: call.name.clone(),
+        sub: call.sub.clone(),
+        query,
+        accept: Vec::new(),
+        content_type: call.content_type.clone(),
+    };
+    let resp = rest::handle(reg, dry, body).await?;
+    let ok = resp.status().is_success();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(|e| ApiError::new(500, "InternalError", e.to_string()))?
+        .to_bytes();
+    let obj = http::parse_object("application/json", &bytes)?;
+    if !ok {
+        return Err(ApiError::new(
+            obj["code"].as_u64().unwrap_or(500) as u16,
+            "BadRequest",
+            obj["message"]
+                .as_str()
+                .unwrap_or("patch failed")
+                .to_string(),
+        ));
+    }
+    Ok(obj)
 }
 
 /// Runs the control plane until SIGINT or SIGTERM (the `oxlet up` command).

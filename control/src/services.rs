@@ -1,7 +1,8 @@
-//! Service ClusterIP and NodePort allocation. Used addresses are read from the stored services
-//! (under the registry's allocation lock), so there is no separate bitmap to drift.
+//! Service ClusterIP and NodePort allocation from bitmaps of what is in use, read from the
+//! stored services at first use. Deleted services do not clear their bits: the bitmaps are read
+//! again from the services when a range looks full or a requested address looks taken, so they
+//! never refuse what is free and never need to follow every deletion.
 
-use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use rand::Rng;
@@ -20,38 +21,155 @@ fn in_net(ip: Ipv4Addr) -> bool {
     u32::from(ip) & mask == u32::from(SERVICE_NET.0)
 }
 
-fn used(reg: &Registry) -> ApiResult<(HashSet<String>, HashSet<i64>)> {
-    let rt = resources::get("", "services");
-    let Listed { items, .. } = reg.list(rt, None, &ListOptions::default())?;
-    let mut ips = HashSet::new();
-    let mut ports = HashSet::new();
-    for s in items {
-        if let Some(ip) = s.pointer("/spec/clusterIP").and_then(Value::as_str) {
-            ips.insert(ip.to_string());
-        }
-        for p in s
-            .pointer("/spec/ports")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(n) = p["nodePort"].as_i64() {
-                ports.insert(n);
-            }
+const NET_SIZE: u32 = 1 << (32 - SERVICE_NET.1);
+const PORT_COUNT: u32 = (NODE_PORTS.1 - NODE_PORTS.0) as u32 + 1;
+
+/// A fixed-size set of small integers.
+#[derive(Default)]
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn with_len(n: u32) -> Bitmap {
+        Bitmap(vec![0; n.div_ceil(64) as usize])
+    }
+    fn get(&self, i: u32) -> bool {
+        self.0
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+    fn set(&mut self, i: u32) {
+        if let Some(w) = self.0.get_mut((i / 64) as usize) {
+            *w |= 1 << (i % 64);
         }
     }
-    Ok((ips, ports))
+}
+
+/// Addresses (offsets in the service network) and node ports in use.
+#[derive(Default)]
+pub struct Allocations {
+    ips: Bitmap,
+    ports: Bitmap,
+    loaded: bool,
+    /// What the allocation in progress took (ports: true), kept across a reload: its service
+    /// is not stored yet.
+    taking: Vec<(bool, u32)>,
+}
+
+impl Allocations {
+    /// Reads what the stored services use.
+    fn reload(&mut self, reg: &Registry) -> ApiResult<()> {
+        let rt = resources::get("", "services");
+        let Listed { items, .. } = reg.list(rt, None, &ListOptions::default())?;
+        self.ips = Bitmap::with_len(NET_SIZE);
+        self.ports = Bitmap::with_len(PORT_COUNT);
+        for s in items {
+            if let Some(ip) = s
+                .pointer("/spec/clusterIP")
+                .and_then(Value::as_str)
+                .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                .filter(|ip| in_net(*ip))
+            {
+                self.ips.set(ip_offset(ip));
+            }
+            for p in s
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(i) = p["nodePort"].as_i64().and_then(port_offset) {
+                    self.ports.set(i);
+                }
+            }
+        }
+        for &(port, i) in &self.taking {
+            if port {
+                self.ports.set(i);
+            } else {
+                self.ips.set(i);
+            }
+        }
+        self.loaded = true;
+        Ok(())
+    }
+
+    fn take(&mut self, port: bool, i: u32) {
+        if port {
+            self.ports.set(i);
+        } else {
+            self.ips.set(i);
+        }
+        self.taking.push((port, i));
+    }
+
+    fn ensure(&mut self, reg: &Registry) -> ApiResult<()> {
+        if !self.loaded {
+            self.reload(reg)?;
+        }
+        Ok(())
+    }
+}
+
+fn ip_offset(ip: Ipv4Addr) -> u32 {
+    u32::from(ip) - u32::from(SERVICE_NET.0)
+}
+
+fn port_offset(n: i64) -> Option<u32> {
+    (NODE_PORTS.0 as i64..=NODE_PORTS.1 as i64)
+        .contains(&n)
+        .then(|| (n - NODE_PORTS.0 as i64) as u32)
+}
+
+/// A free offset below `size` (skipping those below `from`), tried at random; when the map
+/// looks full it is read again once from the services.
+fn pick(
+    reg: &Registry,
+    a: &mut Allocations,
+    ports: bool,
+    from: u32,
+    size: u32,
+) -> ApiResult<Option<u32>> {
+    let mut rng = rand::thread_rng();
+    for round in 0..2 {
+        if round == 1 {
+            a.reload(reg)?;
+        }
+        let map = if ports { &a.ports } else { &a.ips };
+        for _ in 0..64 {
+            let i = rng.gen_range(from..size);
+            if !map.get(i) {
+                return Ok(Some(i));
+            }
+        }
+        // Crowded: a scan from a random point finds any free one.
+        let start = rng.gen_range(from..size);
+        if let Some(i) = (start..size).chain(from..start).find(|i| !map.get(*i)) {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `i` is in use, reading the services again before saying yes.
+fn taken(reg: &Registry, a: &mut Allocations, ports: bool, i: u32) -> ApiResult<bool> {
+    let map = |a: &Allocations| if ports { a.ports.get(i) } else { a.ips.get(i) };
+    if !map(a) {
+        return Ok(false);
+    }
+    a.reload(reg)?;
+    Ok(map(a))
 }
 
 /// Fills spec.clusterIP(s), ipFamilies and nodePorts of a new service.
-pub fn allocate(reg: &Registry, svc: &mut Value) -> ApiResult<()> {
+pub fn allocate(reg: &Registry, alloc: &mut Allocations, svc: &mut Value) -> ApiResult<()> {
     let name = svc
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
     let rt = resources::get("", "services");
-    let (ips, ports) = used(reg)?;
+    alloc.ensure(reg)?;
+    alloc.taking.clear();
     let spec = &mut svc["spec"];
     let ty = spec["type"].as_str().unwrap_or("ClusterIP").to_string();
     if ty == "ExternalName" {
@@ -60,21 +178,12 @@ pub fn allocate(reg: &Registry, svc: &mut Value) -> ApiResult<()> {
     let requested = spec["clusterIP"].as_str().unwrap_or("").to_string();
     let ip = match requested.as_str() {
         "" => {
-            let mut rng = rand::thread_rng();
-            let base = u32::from(SERVICE_NET.0);
-            let size = 1u32 << (32 - SERVICE_NET.1);
-            let mut found = None;
-            for _ in 0..1000 {
-                // Skip the network address and .1 (reserved for the `kubernetes` service).
-                let cand = Ipv4Addr::from(base + rng.gen_range(2..size - 1)).to_string();
-                if !ips.contains(&cand) {
-                    found = Some(cand);
-                    break;
-                }
-            }
-            found.ok_or_else(|| {
+            // Skip the network address and .1 (reserved for the `kubernetes` service).
+            let i = pick(reg, alloc, false, 2, NET_SIZE - 1)?.ok_or_else(|| {
                 ApiError::internal("failed to allocate a serviceIP: range is full")
-            })?
+            })?;
+            alloc.take(false, i);
+            Ipv4Addr::from(u32::from(SERVICE_NET.0) + i).to_string()
         }
         "None" => "None".to_string(),
         other => {
@@ -84,7 +193,9 @@ pub fn allocate(reg: &Registry, svc: &mut Value) -> ApiResult<()> {
                 Some(ip) if !in_net(ip) => Some(
                     "provided IP is not in the valid range. The range of valid IPs is 10.96.0.0/12",
                 ),
-                Some(_) if ips.contains(other) => Some("provided IP is already allocated"),
+                Some(ip) if taken(reg, alloc, false, ip_offset(ip))? => {
+                    Some("provided IP is already allocated")
+                }
                 Some(_) => None,
             };
             if let Some(why) = cause {
@@ -93,6 +204,9 @@ pub fn allocate(reg: &Registry, svc: &mut Value) -> ApiResult<()> {
                     &name,
                     vec![Cause::invalid("spec.clusterIPs", &json!([other]), why)],
                 ));
+            }
+            if let Some(ip) = parsed {
+                alloc.take(false, ip_offset(ip));
             }
             other.to_string()
         }
@@ -106,24 +220,24 @@ pub fn allocate(reg: &Registry, svc: &mut Value) -> ApiResult<()> {
         spec["ipFamilyPolicy"] = json!("SingleStack");
     }
     if matches!(ty.as_str(), "NodePort" | "LoadBalancer") {
-        let mut taken = ports;
-        let mut rng = rand::thread_rng();
         for p in spec["ports"].as_array_mut().into_iter().flatten() {
             if let Some(n) = p["nodePort"].as_i64() {
-                if !(NODE_PORTS.0 as i64..=NODE_PORTS.1 as i64).contains(&n) || !taken.insert(n) {
+                let free = match port_offset(n) {
+                    Some(i) => !taken(reg, alloc, true, i)?,
+                    None => false,
+                };
+                if !free {
                     return Err(ApiError::invalid(rt, &name, vec![Cause::invalid("spec.ports[].nodePort", &json!(n),
                         "provided port is already allocated or not in the valid range 30000-32767")]));
                 }
+                alloc.take(true, port_offset(n).expect("checked above"));
                 continue;
             }
-            let n = (0..10000)
-                .map(|_| rng.gen_range(NODE_PORTS.0..=NODE_PORTS.1) as i64)
-                .find(|n| !taken.contains(n))
-                .ok_or_else(|| {
-                    ApiError::internal("failed to allocate a nodePort: range is full")
-                })?;
-            taken.insert(n);
-            p["nodePort"] = json!(n);
+            let i = pick(reg, alloc, true, 0, PORT_COUNT)?.ok_or_else(|| {
+                ApiError::internal("failed to allocate a nodePort: range is full")
+            })?;
+            alloc.take(true, i);
+            p["nodePort"] = json!(NODE_PORTS.0 as i64 + i as i64);
         }
     }
     Ok(())

@@ -226,7 +226,10 @@ impl ApiError {
             StoreError::Gone { requested, compacted } => ApiError::gone(format!(
                 "The resourceVersion for the provided watch is too old (requested {requested}, oldest {compacted})"
             )),
-            StoreError::Sql(e) => ApiError::internal(format!("storage: {e}")),
+            e @ (StoreError::Sql(_)
+            | StoreError::Commit(_)
+            | StoreError::Sync(_)
+            | StoreError::Closed) => ApiError::internal(format!("storage: {e}")),
         }
     }
 

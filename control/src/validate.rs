@@ -5,11 +5,13 @@
 use std::collections::HashSet;
 
 use k8s_openapi::api::discovery::v1 as disc;
+use k8s_openapi::api::rbac::v1 as rbac;
 use k8s_openapi::api::{apps::v1 as apps, coordination::v1 as coord, core::v1 as core};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::field_validation::{dotted, Step};
 use crate::resources::ResourceType;
 use crate::status::{ApiError, Cause};
 
@@ -33,59 +35,75 @@ fn cannot_handle(rt: &ResourceType, why: &str) -> ApiError {
 }
 
 /// Paths of the fields of `orig` that the typed form `typed` lost (null values aside).
-fn unknown_fields(orig: &Value, typed: &Value, path: &str, out: &mut Vec<String>) {
+fn unknown_fields(orig: &Value, typed: &Value, path: &mut Vec<Step>, out: &mut Vec<Vec<Step>>) {
     match (orig, typed) {
         (Value::Object(o), Value::Object(t)) => {
             for (k, v) in o {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                path.push(Step::Field(k.clone()));
                 match t.get(k) {
-                    None if !v.is_null() => out.push(p),
-                    Some(tv) => unknown_fields(v, tv, &p, out),
+                    None if !v.is_null() => out.push(path.clone()),
+                    Some(tv) => unknown_fields(v, tv, path, out),
                     None => {}
                 }
+                path.pop();
             }
         }
         (Value::Array(a), Value::Array(b)) => {
             for (i, (x, y)) in a.iter().zip(b).enumerate() {
-                unknown_fields(x, y, &format!("{path}[{i}]"), out);
+                path.push(Step::Index(i));
+                unknown_fields(x, y, path, out);
+                path.pop();
             }
         }
         _ => {}
     }
 }
 
+fn decode(rt: &ResourceType, obj: &Value) -> Result<Value, ApiError> {
+    Ok(match rt.kind {
+        "Namespace" => roundtrip::<core::Namespace>(rt, obj)?,
+        "Pod" => roundtrip::<core::Pod>(rt, obj)?,
+        "Service" => roundtrip::<core::Service>(rt, obj)?,
+        "Endpoints" => roundtrip::<core::Endpoints>(rt, obj)?,
+        "ConfigMap" => roundtrip::<core::ConfigMap>(rt, obj)?,
+        "Secret" => roundtrip::<core::Secret>(rt, obj)?,
+        "ServiceAccount" => roundtrip::<core::ServiceAccount>(rt, obj)?,
+        "Node" => roundtrip::<core::Node>(rt, obj)?,
+        "Event" => roundtrip::<core::Event>(rt, obj)?,
+        "Deployment" => roundtrip::<apps::Deployment>(rt, obj)?,
+        "ReplicaSet" => roundtrip::<apps::ReplicaSet>(rt, obj)?,
+        "DaemonSet" => roundtrip::<apps::DaemonSet>(rt, obj)?,
+        "Job" => roundtrip::<k8s_openapi::api::batch::v1::Job>(rt, obj)?,
+        "EndpointSlice" => roundtrip::<disc::EndpointSlice>(rt, obj)?,
+        "Lease" => roundtrip::<coord::Lease>(rt, obj)?,
+        "Role" => roundtrip::<rbac::Role>(rt, obj)?,
+        "ClusterRole" => roundtrip::<rbac::ClusterRole>(rt, obj)?,
+        "RoleBinding" => roundtrip::<rbac::RoleBinding>(rt, obj)?,
+        "ClusterRoleBinding" => roundtrip::<rbac::ClusterRoleBinding>(rt, obj)?,
+        _ => obj.clone(),
+    })
+}
+
+/// The paths of the fields of `obj` that `rt`'s kind does not declare; an error when `obj`
+/// does not decode as that kind.
+pub fn unknown_fields_of(rt: &ResourceType, obj: &Value) -> Result<Vec<Vec<Step>>, ApiError> {
+    let typed = decode(rt, obj)?;
+    let mut out = Vec::new();
+    unknown_fields(obj, &typed, &mut Vec::new(), &mut out);
+    Ok(out)
+}
+
 /// The object in its typed form. With `strict`, unknown fields are a 400 as with
 /// `fieldValidation=Strict` on the real server; otherwise they are dropped.
 pub fn typed(rt: &ResourceType, obj: Value, strict: bool) -> Result<Value, ApiError> {
-    let out = match rt.kind {
-        "Namespace" => roundtrip::<core::Namespace>(rt, &obj)?,
-        "Pod" => roundtrip::<core::Pod>(rt, &obj)?,
-        "Service" => roundtrip::<core::Service>(rt, &obj)?,
-        "Endpoints" => roundtrip::<core::Endpoints>(rt, &obj)?,
-        "ConfigMap" => roundtrip::<core::ConfigMap>(rt, &obj)?,
-        "Secret" => roundtrip::<core::Secret>(rt, &obj)?,
-        "ServiceAccount" => roundtrip::<core::ServiceAccount>(rt, &obj)?,
-        "Node" => roundtrip::<core::Node>(rt, &obj)?,
-        "Event" => roundtrip::<core::Event>(rt, &obj)?,
-        "Deployment" => roundtrip::<apps::Deployment>(rt, &obj)?,
-        "ReplicaSet" => roundtrip::<apps::ReplicaSet>(rt, &obj)?,
-        "DaemonSet" => roundtrip::<apps::DaemonSet>(rt, &obj)?,
-        "Job" => roundtrip::<k8s_openapi::api::batch::v1::Job>(rt, &obj)?,
-        "EndpointSlice" => roundtrip::<disc::EndpointSlice>(rt, &obj)?,
-        "Lease" => roundtrip::<coord::Lease>(rt, &obj)?,
-        _ => obj.clone(),
-    };
+    let out = decode(rt, &obj)?;
     if strict {
         let mut unknown = Vec::new();
-        unknown_fields(&obj, &out, "", &mut unknown);
+        unknown_fields(&obj, &out, &mut Vec::new(), &mut unknown);
         if !unknown.is_empty() {
             let list: Vec<String> = unknown
                 .iter()
-                .map(|f| format!("unknown field \"{f}\""))
+                .map(|f| format!("unknown field \"{}\"", dotted(f)))
                 .collect();
             return Err(cannot_handle(
                 rt,
@@ -129,9 +147,43 @@ pub fn dns_label(s: &str) -> Option<&'static str> {
     )
 }
 
+/// RBAC names (`system:discovery`) need only be usable in a path, as upstream's
+/// `ValidateRBACName`.
+fn path_segment(name: &str) -> Option<String> {
+    if name == "." || name == ".." {
+        return Some(format!("may not be '{name}'"));
+    }
+    ["/", "%"]
+        .iter()
+        .find(|x| name.contains(*x))
+        .map(|x| format!("may not contain '{x}'"))
+}
+
 /// Types whose names must be DNS labels rather than subdomains.
 fn label_named(kind: &str) -> bool {
     matches!(kind, "Namespace" | "Service")
+}
+
+/// Rules about what an update may change.
+pub fn update(rt: &ResourceType, old: &Value, new: &Value) -> Vec<Cause> {
+    let mut c = Vec::new();
+    if matches!(rt.kind, "RoleBinding" | "ClusterRoleBinding") && old["roleRef"] != new["roleRef"] {
+        let r = &new["roleRef"];
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        // Upstream prints the Go value of the new reference.
+        c.push(Cause {
+            reason: "FieldValueInvalid",
+            field: "roleRef".into(),
+            message: format!(
+                "Invalid value: rbac.RoleRef{{APIGroup:{:?}, Kind:{:?}, Name:{:?}}}: cannot \
+                 change roleRef",
+                s("apiGroup"),
+                s("kind"),
+                s("name")
+            ),
+        });
+    }
+    c
 }
 
 /// Field rules. Returns all problems found.
@@ -145,9 +197,11 @@ pub fn fields(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
         c.push(Cause::required("metadata.name"));
     } else {
         let bad = if label_named(rt.kind) {
-            dns_label(name)
+            dns_label(name).map(str::to_string)
+        } else if rt.group == crate::resources::RBAC_GROUP {
+            path_segment(name)
         } else {
-            dns_subdomain(name)
+            dns_subdomain(name).map(str::to_string)
         };
         if let Some(why) = bad {
             c.push(Cause::invalid("metadata.name", &Value::from(name), why));

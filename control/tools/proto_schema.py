@@ -18,6 +18,7 @@ FILES = [
     (API, "authorization/v1/generated.proto"),
     (API, "discovery/v1/generated.proto"),
     (API, "coordination/v1/generated.proto"),
+    (API, "rbac/v1/generated.proto"),
     (MACH, "pkg/apis/meta/v1/generated.proto"),
     (MACH, "pkg/util/intstr/generated.proto"),
     (MACH, "pkg/api/resource/generated.proto"),

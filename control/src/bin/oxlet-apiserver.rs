@@ -1,8 +1,14 @@
 //! Runs only the control plane, for tests and for running it on its own:
 //! `oxlet-apiserver [--data-dir DIR] [--listen ADDR:PORT] [--kubeconfig PATH]`.
 
-fn main() -> Result<(), control::Error> {
-    tracing_subscriber_init();
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OXLET_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let mut cfg = control::Config::new("/var/lib/oxlet");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -14,13 +20,22 @@ fn main() -> Result<(), control::Error> {
             other => usage(other),
         }
     }
-    control::up(cfg)
+    match control::up(cfg) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprint!("error: {e}");
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                eprint!(": {c}");
+                cause = c.source();
+            }
+            eprintln!();
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 fn usage(bad: &str) -> ! {
     eprintln!("bad argument {bad:?}; usage: oxlet-apiserver [--data-dir DIR] [--listen ADDR:PORT] [--kubeconfig PATH]");
     std::process::exit(2)
 }
-
-/// Logs go to stderr at the level in OXLET_LOG (default warn); no subscriber crate needed.
-fn tracing_subscriber_init() {}

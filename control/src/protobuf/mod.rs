@@ -11,6 +11,27 @@ use serde_json::{json, Map, Value};
 
 use crate::status::{ApiError, ApiResult};
 
+pub mod encode;
+
+pub const CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf";
+pub const WATCH_CONTENT_TYPE: &str = "application/vnd.kubernetes.protobuf;stream=watch";
+
+/// Whether the client prefers protobuf: the first Accept entry the server can answer is
+/// `application/vnd.kubernetes.protobuf` (Tables are JSON only).
+pub fn wants_protobuf(accept: &[crate::http::MediaType]) -> bool {
+    for m in accept {
+        if m.param("as").is_some() {
+            continue;
+        }
+        match m.essence.as_str() {
+            CONTENT_TYPE => return true,
+            "application/json" | "application/yaml" | "*/*" | "application/*" => return false,
+            _ => {}
+        }
+    }
+    false
+}
+
 const MAGIC: &[u8] = b"k8s\0";
 
 struct Reader<'a> {

@@ -124,3 +124,110 @@ fn reopening_the_file_keeps_data_and_revisions() {
     assert_eq!((e.rev, e.value.as_slice()), (2, b"2".as_slice()));
     assert_eq!(s.create("x/b", b"1").unwrap().rev, 3);
 }
+
+#[test]
+fn concurrent_writers_share_commits_and_get_distinct_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("state.db")).unwrap();
+    let threads: Vec<_> = (0..32)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                (0..40)
+                    .map(|i| s.create(&format!("k/{t}-{i}"), b"v").unwrap().rev)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut revs: Vec<i64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    revs.sort();
+    assert_eq!(revs, (1..=32 * 40).collect::<Vec<_>>());
+    assert_eq!(s.current_rev().unwrap(), 32 * 40);
+    assert_eq!(s.list("k/", 0, None, 0).unwrap().items.len(), 32 * 40);
+    let commits = s.commits();
+    assert!(
+        commits < 32 * 40,
+        "{commits} commits for {} writes: concurrent writers were not batched",
+        32 * 40
+    );
+    drop(s);
+    let s = Store::open(&dir.path().join("state.db")).unwrap();
+    assert_eq!(s.current_rev().unwrap(), 32 * 40);
+}
+
+#[test]
+fn reads_do_not_wait_for_a_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("state.db")).unwrap();
+    s.create("r/a", b"1").unwrap();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let w = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            s.write("r/a", |_| -> Result<Decision> {
+                entered_tx.send(()).unwrap();
+                // The writer holds its lock until told to go on.
+                release_rx.recv().unwrap();
+                Ok(Decision::Put(b"2".to_vec()))
+            })
+            .unwrap()
+        })
+    };
+    entered.recv().unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(s.get("r/a").unwrap().value, b"1");
+    assert_eq!(s.list("r/", 0, None, 0).unwrap().items.len(), 1);
+    let watch = s.watch("r/", 0).unwrap();
+    assert_eq!(watch.backlog.len(), 1);
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    release.send(()).unwrap();
+    let e = w.join().unwrap().unwrap();
+    assert_eq!(e.rev, 2);
+    assert_eq!(s.get("r/a").unwrap().value, b"2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_started_during_writes_see_every_revision_once() {
+    let s = store();
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    s.create(&format!("w/{t}-{i}"), b"v").unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut watches = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        watches.push(s.watch("w/", 0).unwrap());
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    for mut w in watches {
+        let mut revs: Vec<i64> = w.backlog.iter().map(|e| e.entry.rev).collect();
+        while let Ok(ev) = w.live.try_recv() {
+            if ev.entry.rev > w.seen_rev {
+                revs.push(ev.entry.rev);
+            }
+        }
+        assert_eq!(revs, (1..=800).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn a_failed_decision_writes_nothing_and_later_writes_go_on() {
+    let s = store();
+    s.create("f/a", b"1").unwrap();
+    let r: Result<Option<Entry>> = s.write("f/a", |_| Err(StoreError::Conflict(7)));
+    assert!(matches!(r, Err(StoreError::Conflict(7))));
+    assert_eq!(s.create("f/b", b"1").unwrap().rev, 2);
+    assert_eq!(s.current_rev().unwrap(), 2);
+}

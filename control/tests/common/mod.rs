@@ -40,10 +40,19 @@ impl TestServer {
         controllers: bool,
         f: impl FnOnce(&mut control::controllers::Config),
     ) -> Result<TestServer> {
+        Self::start_server_config(|cfg| {
+            cfg.controllers = controllers;
+            f(&mut cfg.controller_cfg);
+        })
+        .await
+    }
+
+    /// The server configured by `f` (listen address and kubeconfig are the harness's).
+    pub async fn start_server_config(f: impl FnOnce(&mut control::Config)) -> Result<TestServer> {
         let dir = tempfile::tempdir()?;
         let mut cfg = control::Config::new(dir.path().join("data"));
-        cfg.controllers = controllers;
-        f(&mut cfg.controller_cfg);
+        cfg.controllers = false;
+        f(&mut cfg);
         cfg.listen = "127.0.0.1:0".parse()?;
         cfg.kubeconfig = dir.path().join("admin.kubeconfig");
         let server = control::start(cfg).await?;
@@ -78,6 +87,38 @@ impl TestServer {
         let to = self.dir.path().join(format!("node-{node}.kubeconfig"));
         let server = format!("https://127.0.0.1:{}", self.addr().port());
         pki.write_node_kubeconfig(node, &server, &to)?;
+        Ok(to)
+    }
+
+    /// A kubeconfig for user `user` in `groups`, with a client certificate issued by the
+    /// server's CA.
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
+        let pki = control::certs::Pki::new(&self.dir.path().join("data"));
+        let file = format!("user-{}", user.replace(':', "-"));
+        pki.issue_client(&file, user, groups)?;
+        let to = self.dir.path().join(format!("{file}.kubeconfig"));
+        let server = format!("https://127.0.0.1:{}", self.addr().port());
+        pki.write_kubeconfig(&file, user, &server, &to)?;
+        Ok(to)
+    }
+
+    /// A kubeconfig that authenticates with bearer token `token` (and no client certificate).
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> Result<PathBuf> {
+        use base64::Engine;
+        let pki = control::certs::Pki::new(&self.dir.path().join("data"));
+        let ca = base64::engine::general_purpose::STANDARD.encode(pki.ca_pem()?);
+        let to = self.dir.path().join(format!("token-{name}.kubeconfig"));
+        let port = self.addr().port();
+        std::fs::write(
+            &to,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: oxlet\n  cluster:\n    \
+                 server: https://127.0.0.1:{port}\n    certificate-authority-data: {ca}\n\
+                 users:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: \
+                 {name}\n  context:\n    cluster: oxlet\n    user: {name}\n\
+                 current-context: {name}\n"
+            ),
+        )?;
         Ok(to)
     }
 
