@@ -1,6 +1,6 @@
 //! Times the proxy's syncs at scale through nf_tables netlink, side by side with upstream
-//! kube-proxy's nftables layout (one anonymous `numgen ... vmap` per service) applied with
-//! `nft -f`: N services x 2 endpoints, a full sync into an empty table, then one changed
+//! kube-proxy's nftables layout (per-endpoint chains picked by one anonymous
+//! `numgen ... vmap` per service) applied with `nft -f`: N services x 2 endpoints, a full sync into an empty table, then one changed
 //! service as a partial sync (median of several changes).
 //!
 //!     cargo run --release -p oxlet-proxy --example sync_bench -- 1000 5000 10000
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use proxy::layout::{self, Layout};
 use proxy::model::{Endpoint, Protocol, ServicePort, ServicePortName};
+use proxy::ruleset::{Action, Addr, Chain, Key, Match, Rule, Ruleset, Verdict};
 use proxy::sync::{Applied, Backend, Syncer};
 
 /// Changes timed per size; the median is printed.
@@ -188,11 +189,76 @@ async fn oxlet(n: usize, backend: Backend, table: &str) -> Row {
     }
 }
 
+/// Upstream's layout of these ports (ClusterIP only, as `ports` makes them): per service a
+/// chain that picks an endpoint chain at random, per endpoint a chain that marks hairpin
+/// traffic and DNATs. Written with numgen-goto rules that `upstream` folds into vmaps.
+fn upstream_layout(l: &Layout, ports: &[ServicePort]) -> Ruleset {
+    let mut r = layout::build_fixed(l);
+    for sp in ports {
+        let svc = layout::service_chain(&sp.id);
+        let host = |field, ip: Ipv4Addr| Match::Addr {
+            field,
+            negate: false,
+            net: ip.into(),
+        };
+        let mut rules = vec![Rule::verdict(
+            vec![
+                host(Addr::Daddr, sp.cluster_ip),
+                Match::Dport(sp.id.protocol, sp.port),
+                Match::Addr {
+                    field: Addr::Saddr,
+                    negate: true,
+                    net: l.cluster_cidr.trunc(),
+                },
+            ],
+            Verdict::Jump("mark-for-masquerade".into()),
+        )];
+        let n = sp.endpoints.len();
+        for (k, ep) in sp.endpoints.iter().enumerate() {
+            let chain = layout::endpoint_chain(&sp.id, ep);
+            let matches = if n - k > 1 {
+                vec![Match::NumgenZero((n - k) as u32)]
+            } else {
+                vec![]
+            };
+            rules.push(Rule::verdict(matches, Verdict::Goto(chain.clone())));
+            let ep_rules = vec![
+                Rule::verdict(
+                    vec![host(Addr::Saddr, ep.ip)],
+                    Verdict::Jump("mark-for-masquerade".into()),
+                ),
+                Rule::new(
+                    vec![Match::L4Proto(sp.id.protocol)],
+                    Action::Dnat(ep.ip, ep.port),
+                ),
+            ];
+            r.chains.insert(
+                chain,
+                Chain {
+                    base: None,
+                    rules: ep_rules,
+                },
+            );
+        }
+        r.chains.insert(svc.clone(), Chain { base: None, rules });
+        r.sets
+            .get_mut("cluster-ips")
+            .unwrap()
+            .elements
+            .insert(Key::Addr(sp.cluster_ip));
+        r.maps.get_mut("service-ips").unwrap().elements.insert(
+            Key::AddrProtoPort(sp.cluster_ip, sp.id.protocol, sp.port),
+            Verdict::Goto(svc),
+        );
+    }
+    r
+}
+
 /// Upstream's layout through `nft -f`: full load, then the same changes as text diffs.
 async fn upstream_nft(n: usize, table: &str) -> Row {
     proxy::cleanup(table).await.unwrap();
     let l = lay(table);
-    let a = layout::build(&l, &ports(n, 0));
+    let a = upstream_layout(&l, &ports(n, 0));
     let text = upstream(&a.render_full());
     let t0 = Instant::now();
     proxy::sync::apply(&text).await.unwrap();
@@ -200,7 +266,7 @@ async fn upstream_nft(n: usize, table: &str) -> Row {
     let mut changes = vec![];
     let mut old = a;
     for c in 1..=CHANGES {
-        let b = layout::build(&l, &ports(n, c));
+        let b = upstream_layout(&l, &ports(n, c));
         let diff = upstream(&b.render_diff(&old).unwrap());
         let t0 = Instant::now();
         proxy::sync::apply(&diff).await.unwrap();
@@ -235,10 +301,14 @@ async fn main() {
         let b = layout::build(&l, &ports(sizes[0], 1));
         std::fs::write(format!("{path}.full"), a.render_full()).unwrap();
         std::fs::write(format!("{path}.diff"), b.render_diff(&a).unwrap()).unwrap();
-        std::fs::write(format!("{path}.upstream.full"), upstream(&a.render_full())).unwrap();
+        let (ua, ub) = (
+            upstream_layout(&l, &ports(sizes[0], 0)),
+            upstream_layout(&l, &ports(sizes[0], 1)),
+        );
+        std::fs::write(format!("{path}.upstream.full"), upstream(&ua.render_full())).unwrap();
         std::fs::write(
             format!("{path}.upstream.diff"),
-            upstream(&b.render_diff(&a).unwrap()),
+            upstream(&ub.render_diff(&ua).unwrap()),
         )
         .unwrap();
         return;

@@ -1,7 +1,13 @@
 //! The proxy's nftables layout (kube-proxy's nftables mode, KEP-3866, in our own table):
 //! verdict maps keyed by address, protocol and port dispatch to per-service-port chains, which
-//! pick an endpoint chain at random, which DNATs.
+//! DNAT to the endpoint a random number picks from the service's endpoint map (a data map of
+//! ranges). Unlike upstream's per-endpoint chains, a change of endpoints only replaces map
+//! elements: the kernel re-validates the whole chain graph for every rule or verdict element
+//! a transaction adds, but not for data elements. A pod reaching itself through its Service
+//! is masqueraded by one rule that looks up `saddr . daddr` in the set of endpoints.
+//! Services with session affinity keep upstream's per-endpoint chains (they record clients).
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
@@ -9,8 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{Endpoint, Protocol, ServicePort, ServicePortName};
 use crate::ruleset::{
-    Action, Addr, BaseChain, Chain, ChainType, Hook, Key, KeyType, Map, Match, Rule, Ruleset, Set,
-    Verdict,
+    Action, Addr, BaseChain, Chain, ChainType, EndpointMap, Hook, Key, KeyType, Map, Match, Rule,
+    Ruleset, Set, Verdict,
 };
 
 /// The packet mark bit that asks `nat-postrouting` to masquerade (as kube-proxy's).
@@ -37,6 +43,7 @@ const CLUSTER_IPS: &str = "cluster-ips";
 const NODEPORT_IPS: &str = "nodeport-ips";
 const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
 const REJECT_CHAIN: &str = "reject-chain";
+pub const HAIRPIN_ENDPOINTS: &str = "hairpin-endpoints";
 
 /// The first 8 hex digits of SHA-256: keeps names distinct whatever the readable part holds.
 fn hash(s: &str) -> String {
@@ -53,6 +60,14 @@ pub fn service_chain(id: &ServicePortName) -> String {
 
 fn local_chain(id: &ServicePortName) -> String {
     named("local", &id.to_string())
+}
+
+fn endpoints_map(id: &ServicePortName) -> String {
+    named("endpoints", &id.to_string())
+}
+
+fn local_endpoints_map(id: &ServicePortName) -> String {
+    named("local-endpoints", &id.to_string())
 }
 
 fn external_chain(id: &ServicePortName) -> String {
@@ -117,7 +132,25 @@ fn addr_in(field: Addr, set: &str) -> Match {
 pub fn build(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
     let mut r = build_fixed(layout);
     r.merge(build_services(layout, ports));
+    r.sets
+        .get_mut(HAIRPIN_ENDPOINTS)
+        .expect("the fixed table has the hairpin set")
+        .elements
+        .extend(endpoint_ips(ports).into_iter().map(hairpin_key));
     r
+}
+
+/// The addresses of these ports' endpoints: what the hairpin set holds for them.
+pub fn endpoint_ips(ports: &[ServicePort]) -> BTreeSet<Ipv4Addr> {
+    ports
+        .iter()
+        .flat_map(|p| p.endpoints.iter().map(|e| e.ip))
+        .collect()
+}
+
+/// The hairpin set's element for an endpoint: traffic from it, DNATed back to it.
+pub fn hairpin_key(ip: Ipv4Addr) -> Key {
+    Key::AddrAddr(ip, ip)
 }
 
 /// The table without any Service: base chains, fixed rules, the node's NodePort addresses and
@@ -237,6 +270,13 @@ pub fn build_fixed(layout: &Layout) -> Ruleset {
     c.insert(
         "masquerading".into(),
         regular(vec![
+            jump(
+                vec![
+                    Match::CtStatusDnat,
+                    Match::AddrPairIn(HAIRPIN_ENDPOINTS.into()),
+                ],
+                MARK_FOR_MASQUERADE,
+            ),
             Rule::verdict(vec![Match::MarkClear(MASQUERADE_MARK)], Verdict::Return),
             Rule::new(vec![], Action::MarkXor(MASQUERADE_MARK)),
             Rule::new(vec![], Action::MasqueradeFullyRandom),
@@ -254,6 +294,8 @@ pub fn build_fixed(layout: &Layout) -> Ruleset {
         .elements
         .extend(layout.nodeport_ips.iter().map(|ip| Key::Addr(*ip)));
     r.sets.insert(NODEPORT_IPS.into(), nodeport_ips);
+    r.sets
+        .insert(HAIRPIN_ENDPOINTS.into(), Set::new(KeyType::AddrAddr));
     r.merge(shared(&layout.table));
     r
 }
@@ -322,29 +364,43 @@ pub fn build_services(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
         );
         let svc_chain = service_chain(&sp.id);
         let loc_chain = local_chain(&sp.id);
-        let mut rules = vec![masq_outside.clone()];
-        balance(&mut rules, sp, &all);
-        r.chains.insert(svc_chain.clone(), regular(rules));
         let needs_local = sp.internal_local || sp.external_local;
+        let pick = |chain: &str, map: String, eps: &[&Endpoint], r: &mut Ruleset| {
+            let mut rules = vec![masq_outside.clone()];
+            if sp.affinity_timeout.is_some() {
+                balance(&mut rules, sp, eps);
+            } else {
+                rules.push(Rule::new(
+                    vec![Match::L4Proto(proto)],
+                    Action::DnatRandom(map.clone()),
+                ));
+                let targets = eps.iter().map(|e| (e.ip, e.port)).collect();
+                r.endpoint_maps.insert(
+                    map,
+                    EndpointMap {
+                        protocol: proto,
+                        targets,
+                    },
+                );
+            }
+            r.chains.insert(chain.to_string(), regular(rules));
+        };
+        pick(&svc_chain, endpoints_map(&sp.id), &all, &mut r);
         if needs_local && !local.is_empty() {
-            let mut rules = vec![masq_outside];
-            balance(&mut rules, sp, &local);
-            r.chains.insert(loc_chain.clone(), regular(rules));
+            pick(&loc_chain, local_endpoints_map(&sp.id), &local, &mut r);
         }
-        for ep in &all {
-            let mut rules = vec![jump(vec![host(Addr::Saddr, ep.ip)], MARK_FOR_MASQUERADE)];
-            if let Some(timeout) = sp.affinity_timeout {
+        if let Some(timeout) = sp.affinity_timeout {
+            for ep in &all {
                 let set = affinity_set(&sp.id, ep);
-                rules.push(Rule::new(vec![], Action::UpdateSaddr(set.clone())));
+                let rules = vec![
+                    Rule::new(vec![], Action::UpdateSaddr(set.clone())),
+                    Rule::new(vec![Match::L4Proto(proto)], Action::Dnat(ep.ip, ep.port)),
+                ];
                 let mut s = Set::new(KeyType::Addr);
                 s.timeout = Some(timeout);
                 r.sets.insert(set, s);
+                r.chains.insert(endpoint_chain(&sp.id, ep), regular(rules));
             }
-            rules.push(Rule::new(
-                vec![Match::L4Proto(proto)],
-                Action::Dnat(ep.ip, ep.port),
-            ));
-            r.chains.insert(endpoint_chain(&sp.id, ep), regular(rules));
         }
         // ClusterIP: internalTrafficPolicy Local without a local endpoint drops.
         if !sp.internal_local {
@@ -409,17 +465,15 @@ pub fn build_services(layout: &Layout, ports: &[ServicePort]) -> Ruleset {
     r
 }
 
-/// Rules that send a new connection to one of `eps` with equal chances: the k-th rule matches
-/// one time in (N-k), so each endpoint gets 1/N. Plain rules load linearly where one anonymous
-/// vmap per service loads quadratically.
+/// With session affinity: rules that send a client back to the endpoint it had, else a new
+/// connection to one of `eps` with equal chances: the k-th rule matches one time in (N-k), so
+/// each endpoint gets 1/N.
 fn balance(rules: &mut Vec<Rule>, sp: &ServicePort, eps: &[&Endpoint]) {
-    if sp.affinity_timeout.is_some() {
-        for ep in eps {
-            rules.push(goto(
-                vec![addr_in(Addr::Saddr, &affinity_set(&sp.id, ep))],
-                &endpoint_chain(&sp.id, ep),
-            ));
-        }
+    for ep in eps {
+        rules.push(goto(
+            vec![addr_in(Addr::Saddr, &affinity_set(&sp.id, ep))],
+            &endpoint_chain(&sp.id, ep),
+        ));
     }
     let n = eps.len();
     for (k, ep) in eps.iter().enumerate() {

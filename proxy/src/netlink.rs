@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
 use crate::model::Protocol;
-use crate::ruleset::{Action, Addr, Key, KeyType, Match, Op, Rule, Set, Verdict};
+use crate::ruleset::{
+    Action, Addr, EndpointMap, Key, KeyType, Match, Op, Rule, Set, Verdict, ENDPOINT_RANGE,
+};
 use crate::Error;
 
 const NLM_F_REQUEST: u16 = 0x1;
@@ -75,7 +77,10 @@ const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 
+const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_MAP: u32 = 0x8;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 0x1;
 const NFT_SET_TIMEOUT: u32 = 0x10;
 const NFT_SET_EVAL: u32 = 0x20;
 const NFT_DATA_VERDICT: u32 = 0xffff_ff00;
@@ -105,6 +110,26 @@ const UDATA_ADDR_SET: [u8; 6] = [0, 4, 2, 0, 0, 0];
 const UDATA_VERDICT_MAP: [u8; 28] = [
     0, 4, 0, 0, 0, 0, 1, 4, 0, 0, 0, 0, 3, 8, 0, 4, 13, 0, 0, 0, 1, 0, 6, 4, 0, 0, 0, 0,
 ];
+
+/// nft's user data of `typeof numgen random mod 65536 : ip daddr . <proto> dport` maps, per
+/// protocol (the byte after the first `0c 00 04`: the transport header's protocol slot).
+fn udata_endpoint_map(p: Protocol) -> [u8; 100] {
+    let mut u = [
+        0x00, 0x04, 0x01, 0x00, 0x00, 0x00, 0x01, 0x04, 0x00, 0x00, 0x00, 0x00, 0x03, 0x1a, 0x00,
+        0x04, 0x17, 0x00, 0x00, 0x00, 0x01, 0x12, 0x00, 0x04, 0x01, 0x00, 0x00, 0x00, 0x01, 0x04,
+        0x00, 0x00, 0x01, 0x00, 0x02, 0x04, 0x00, 0x00, 0x00, 0x00, 0x04, 0x34, 0x00, 0x04, 0x0d,
+        0x00, 0x00, 0x00, 0x01, 0x2c, 0x00, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c,
+        0x00, 0x04, 0x0c, 0x00, 0x00, 0x00, 0x01, 0x04, 0x0c, 0x00, 0x00, 0x00, 0x01, 0x14, 0x00,
+        0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, 0x08, 0x00, 0x00, 0x00, 0x01, 0x04,
+        0x02, 0x00, 0x00, 0x00, 0x06, 0x04, 0x00, 0x00, 0x00, 0x00,
+    ];
+    u[84] = match p {
+        Protocol::Tcp => 0x08,
+        Protocol::Udp => 0x06,
+        Protocol::Sctp => 0x0a,
+    };
+    u
+}
 
 /// Elements per message in a full sync: keeps the nested element list under netlink's 64 KiB
 /// attribute limit.
@@ -331,6 +356,19 @@ fn encode_match(w: &mut Writer, m: &Match) {
             w.bitwise(&mask.to_ne_bytes(), &[0; 4]);
             w.cmp(CMP_EQ, &[0; 4]);
         }
+        Match::CtStatusDnat => {
+            w.expr("ct", |w| {
+                w.u32(2, 2); // NFT_CT_STATUS
+                w.u32(1, REG_1);
+            });
+            w.bitwise(&0x20u32.to_ne_bytes(), &[0; 4]); // IPS_DST_NAT
+            w.cmp(CMP_NEQ, &[0; 4]);
+        }
+        Match::AddrPairIn(set) => {
+            w.payload(REG_1, PAYLOAD_NETWORK, 12, 4);
+            w.payload(REG32_01, PAYLOAD_NETWORK, 16, 4);
+            w.lookup(set, None);
+        }
     }
 }
 
@@ -361,6 +399,10 @@ fn encode_action(w: &mut Writer, a: &Action) {
                     w.payload(REG32_01, PAYLOAD_TRANSPORT, 2, 2);
                 }
                 KeyType::Addr => w.payload(REG_1, PAYLOAD_NETWORK, 16, 4),
+                KeyType::AddrAddr => {
+                    w.payload(REG_1, PAYLOAD_NETWORK, 12, 4);
+                    w.payload(REG32_01, PAYLOAD_NETWORK, 16, 4);
+                }
             }
             w.lookup(map, Some(REG_VERDICT));
         }
@@ -394,6 +436,32 @@ fn encode_action(w: &mut Writer, a: &Action) {
                 w.u32(7, 0x2); // NF_NAT_RANGE_PROTO_SPECIFIED
             });
         }
+        Action::DnatRandom(map) => {
+            w.expr("numgen", |w| {
+                w.u32(1, REG_1);
+                w.u32(2, ENDPOINT_RANGE);
+                w.u32(3, 1); // NFT_NG_RANDOM
+                w.u32(4, 0);
+            });
+            // Interval keys compare as big-endian bytes.
+            w.expr("byteorder", |w| {
+                w.u32(1, REG_1); // NFTA_BYTEORDER_SREG
+                w.u32(2, REG_1); // NFTA_BYTEORDER_DREG
+                w.u32(3, 1); // NFT_BYTEORDER_HTON
+                w.u32(4, 4); // NFTA_BYTEORDER_LEN
+                w.u32(5, 4); // NFTA_BYTEORDER_SIZE
+            });
+            w.lookup(map, Some(REG_1));
+            w.expr("nat", |w| {
+                w.u32(1, 1); // NFT_NAT_DNAT
+                w.u32(2, u32::from(NFPROTO_IPV4));
+                w.u32(3, REG_1); // address from the map's data
+                w.u32(4, REG_1);
+                w.u32(5, REG32_01); // port: the data's second 32-bit word
+                w.u32(6, REG32_01);
+                w.u32(7, 0x3); // NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED
+            });
+        }
     }
 }
 
@@ -424,6 +492,10 @@ fn key_bytes(k: &Key, out: &mut Vec<u8>) {
             out.extend_from_slice(&proto(*p));
             out.extend_from_slice(&port(*n));
         }
+        Key::AddrAddr(a, b) => {
+            out.extend_from_slice(&a.octets());
+            out.extend_from_slice(&b.octets());
+        }
     }
 }
 
@@ -436,7 +508,21 @@ fn key_type(k: KeyType) -> (u32, u32) {
         KeyType::Addr => (IPV4_ADDR, 4),
         KeyType::AddrProtoPort => ((IPV4_ADDR << 12) | (INET_PROTO << 6) | INET_SERVICE, 12),
         KeyType::ProtoPort => ((INET_PROTO << 6) | INET_SERVICE, 8),
+        KeyType::AddrAddr => ((IPV4_ADDR << 6) | IPV4_ADDR, 8),
     }
+}
+
+fn encode_endpoint_map(w: &mut Writer, name: &str, m: &EndpointMap, id: u32) {
+    const INTEGER: u32 = 4;
+    const IPV4_ADDR_INET_SERVICE: u32 = (7 << 6) | 13;
+    w.str(NFTA_SET_NAME, name);
+    w.u32(NFTA_SET_FLAGS, NFT_SET_INTERVAL | NFT_SET_MAP);
+    w.u32(NFTA_SET_KEY_TYPE, INTEGER);
+    w.u32(NFTA_SET_KEY_LEN, 4);
+    w.u32(NFTA_SET_DATA_TYPE, IPV4_ADDR_INET_SERVICE);
+    w.u32(NFTA_SET_DATA_LEN, 8);
+    w.u32(NFTA_SET_ID, id);
+    w.attr(NFTA_SET_USERDATA, &udata_endpoint_map(m.protocol));
 }
 
 fn encode_set(w: &mut Writer, name: &str, s: &Set, id: u32) {
@@ -579,6 +665,53 @@ pub fn encode(table: &str, ops: &[Op<'_>], group_elements: bool) -> Batch {
                 let s = w.msg_begin(nft(NFT_MSG_NEWSET), NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
                 w.str(NFTA_SET_TABLE, table);
                 encode_map(&mut w, name, m.key, seq);
+                w.msg_end(s);
+            }
+            Op::AddEndpointMap(name, m) => {
+                let s = w.msg_begin(nft(NFT_MSG_NEWSET), NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
+                w.str(NFTA_SET_TABLE, table);
+                encode_endpoint_map(&mut w, name, m, seq);
+                w.msg_end(s);
+            }
+            Op::FlushElements(name) => {
+                let s = w.msg_begin(nft(NFT_MSG_DELSETELEM), 0, seq, NFPROTO_IPV4, 0);
+                w.str(NFTA_SET_ELEM_LIST_TABLE, table);
+                w.str(NFTA_SET_ELEM_LIST_SET, name);
+                w.msg_end(s);
+            }
+            Op::AddRange(map, ..) => {
+                // A range is two elements: its first key with the data, and the key after its
+                // last flagged as the interval's end.
+                while group_elements
+                    && end < ops.len()
+                    && end - i < ELEMENTS_PER_MESSAGE / 2
+                    && matches!(&ops[end], Op::AddRange(m, ..) if m == map)
+                {
+                    end += 1;
+                }
+                let s = w.msg_begin(nft(NFT_MSG_NEWSETELEM), NLM_F_CREATE, seq, NFPROTO_IPV4, 0);
+                w.str(NFTA_SET_ELEM_LIST_TABLE, table);
+                w.str(NFTA_SET_ELEM_LIST_SET, map);
+                w.nest(NFTA_SET_ELEM_LIST_ELEMENTS, |w| {
+                    for op in &ops[i..end] {
+                        let Op::AddRange(_, first, last, ip, port) = op else {
+                            unreachable!("grouped range steps only")
+                        };
+                        w.nest(NFTA_LIST_ELEM, |w| {
+                            w.value(NFTA_SET_ELEM_KEY, &first.to_be_bytes());
+                            let p = port.to_be_bytes();
+                            let o = ip.octets();
+                            w.value(
+                                NFTA_SET_ELEM_DATA,
+                                &[o[0], o[1], o[2], o[3], p[0], p[1], 0, 0],
+                            );
+                        });
+                        w.nest(NFTA_LIST_ELEM, |w| {
+                            w.value(NFTA_SET_ELEM_KEY, &(last + 1).to_be_bytes());
+                            w.u32(NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END);
+                        });
+                    }
+                });
                 w.msg_end(s);
             }
             Op::DeleteSet(name) | Op::DeleteMap(name) => {

@@ -110,6 +110,10 @@ pub enum Match {
     FibSaddrLocal,
     /// `meta mark & MASK == 0`
     MarkClear(u32),
+    /// `ct status dnat`
+    CtStatusDnat,
+    /// `ip saddr . ip daddr @set`
+    AddrPairIn(String),
 }
 
 /// Concatenated keys a verdict map is looked up with.
@@ -121,6 +125,8 @@ pub enum KeyType {
     AddrProtoPort,
     /// `inet_proto . inet_service`
     ProtoPort,
+    /// `ipv4_addr . ipv4_addr`
+    AddrAddr,
 }
 
 impl KeyType {
@@ -129,6 +135,7 @@ impl KeyType {
             KeyType::Addr => "ipv4_addr",
             KeyType::AddrProtoPort => "ipv4_addr . inet_proto . inet_service",
             KeyType::ProtoPort => "inet_proto . inet_service",
+            KeyType::AddrAddr => "ipv4_addr . ipv4_addr",
         }
     }
 }
@@ -154,6 +161,9 @@ pub enum Action {
     UpdateSaddr(String),
     /// `dnat to IP:PORT`
     Dnat(Ipv4Addr, u16),
+    /// `dnat ip to numgen random mod 65536 map @map`: the endpoint whose range holds a random
+    /// number (an `EndpointMap`).
+    DnatRandom(String),
 }
 
 /// A verdict: of a rule or the value of a verdict map element.
@@ -198,6 +208,7 @@ pub enum Key {
     Addr(Ipv4Addr),
     AddrProtoPort(Ipv4Addr, Protocol, u16),
     ProtoPort(Protocol, u16),
+    AddrAddr(Ipv4Addr, Ipv4Addr),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -240,6 +251,33 @@ impl Map {
     }
 }
 
+/// The span of random numbers (`numgen random mod ENDPOINT_RANGE`) an endpoint map divides.
+pub const ENDPOINT_RANGE: u32 = 65536;
+
+/// A data map from a random number to an endpoint (`typeof numgen random mod 65536 : ip daddr .
+/// tcp dport ; flags interval`): each target owns an equal range. Endpoints change by
+/// replacing its elements, which the kernel applies without re-validating the table's chain
+/// graph, as it must for any rule or verdict element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointMap {
+    pub protocol: Protocol,
+    pub targets: Vec<(Ipv4Addr, u16)>,
+}
+
+impl EndpointMap {
+    /// Each target's range `[first, last]`: equal shares of `ENDPOINT_RANGE` (within one).
+    pub fn ranges(&self) -> impl Iterator<Item = (u32, u32, Ipv4Addr, u16)> + '_ {
+        let n = self.targets.len() as u64;
+        let span = u64::from(ENDPOINT_RANGE);
+        self.targets.iter().enumerate().map(move |(k, (ip, port))| {
+            let k = k as u64;
+            let first = (k * span / n) as u32;
+            let last = ((k + 1) * span / n - 1) as u32;
+            (first, last, *ip, *port)
+        })
+    }
+}
+
 /// One step of a transaction on table `ip <table>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op<'a> {
@@ -255,6 +293,11 @@ pub enum Op<'a> {
     DeleteMap(&'a str),
     AddElement(&'a str, &'a Key, Option<&'a Verdict>),
     DeleteElement(&'a str, &'a Key),
+    AddEndpointMap(&'a str, &'a EndpointMap),
+    /// Removes every element of a set or map.
+    FlushElements(&'a str),
+    /// One target of an endpoint map with its range.
+    AddRange(&'a str, u32, u32, Ipv4Addr, u16),
 }
 
 impl Op<'_> {
@@ -283,6 +326,13 @@ impl Op<'_> {
                 format!("add element ip {t} {name} {{ {k} : {v} }}")
             }
             Op::DeleteElement(name, k) => format!("delete element ip {t} {name} {{ {k} }}"),
+            Op::AddEndpointMap(name, m) => {
+                format!("add map ip {t} {name} {{ {} }}", endpoint_map_spec(m))
+            }
+            Op::FlushElements(name) => format!("flush map ip {t} {name}"),
+            Op::AddRange(name, first, last, ip, port) => {
+                format!("add element ip {t} {name} {{ {first}-{last} : {ip} . {port} }}")
+            }
         }
     }
 }
@@ -294,6 +344,7 @@ pub struct Ruleset {
     pub chains: BTreeMap<String, Chain>,
     pub sets: BTreeMap<String, Set>,
     pub maps: BTreeMap<String, Map>,
+    pub endpoint_maps: BTreeMap<String, EndpointMap>,
 }
 
 impl Ruleset {
@@ -303,6 +354,7 @@ impl Ruleset {
             chains: BTreeMap::new(),
             sets: BTreeMap::new(),
             maps: BTreeMap::new(),
+            endpoint_maps: BTreeMap::new(),
         }
     }
 
@@ -325,6 +377,7 @@ impl Ruleset {
                 }
             }
         }
+        self.endpoint_maps.extend(other.endpoint_maps);
     }
 
     /// The steps of one transaction that replaces whatever table of this name exists (or none)
@@ -334,6 +387,12 @@ impl Ruleset {
         let mut ops = vec![Op::AddTable, Op::DeleteTable, Op::AddTable];
         ops.extend(self.chains.iter().map(|(n, c)| Op::AddChain(n, c)));
         ops.extend(self.sets.iter().map(|(n, s)| Op::AddSet(n, s)));
+        // In `render_full`'s order, so that both list alike.
+        ops.extend(
+            self.endpoint_maps
+                .iter()
+                .map(|(n, m)| Op::AddEndpointMap(n, m)),
+        );
         ops.extend(self.maps.iter().map(|(n, m)| Op::AddMap(n, m)));
         for (name, c) in &self.chains {
             ops.extend(c.rules.iter().map(|r| Op::AddRule(name, r)));
@@ -347,6 +406,9 @@ impl Ruleset {
                     .iter()
                     .map(|(k, v)| Op::AddElement(name, k, Some(v))),
             );
+        }
+        for (name, m) in &self.endpoint_maps {
+            ops.extend(range_ops(name, m));
         }
         ops
     }
@@ -373,6 +435,14 @@ impl Ruleset {
             if !old.maps.contains_key(name) {
                 ops.push(Op::AddMap(name, m));
             }
+        }
+        for (name, m) in &self.endpoint_maps {
+            match old.endpoint_maps.get(name) {
+                None => ops.push(Op::AddEndpointMap(name, m)),
+                Some(o) if o == m => continue,
+                Some(_) => ops.push(Op::FlushElements(name)),
+            }
+            ops.extend(range_ops(name, m));
         }
         // Stale elements go first: they may point at chains deleted below.
         for (name, m) in &old.maps {
@@ -428,6 +498,13 @@ impl Ruleset {
         for name in old.sets.keys().filter(|n| !self.sets.contains_key(*n)) {
             ops.push(Op::DeleteSet(name));
         }
+        for name in old
+            .endpoint_maps
+            .keys()
+            .filter(|n| !self.endpoint_maps.contains_key(*n))
+        {
+            ops.push(Op::DeleteMap(name));
+        }
         ops.extend(stale.iter().map(|n| Op::DeleteChain(n)));
         ops
     }
@@ -454,6 +531,17 @@ impl Ruleset {
             let _ = writeln!(out, "\tset {name} {{ {}", set_spec(s));
             if !s.elements.is_empty() {
                 let elems: Vec<String> = s.elements.iter().map(Key::to_string).collect();
+                let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
+            }
+            let _ = writeln!(out, "\t}}");
+        }
+        for (name, m) in &self.endpoint_maps {
+            let _ = writeln!(out, "\tmap {name} {{ {}", endpoint_map_spec(m));
+            let elems: Vec<String> = m
+                .ranges()
+                .map(|(first, last, ip, port)| format!("{first}-{last} : {ip} . {port}"))
+                .collect();
+            if !elems.is_empty() {
                 let _ = writeln!(out, "\t\telements = {{ {} }}", elems.join(", "));
             }
             let _ = writeln!(out, "\t}}");
@@ -505,6 +593,18 @@ fn base_spec(b: &BaseChain) -> String {
     )
 }
 
+fn endpoint_map_spec(m: &EndpointMap) -> String {
+    format!(
+        "typeof numgen random mod {ENDPOINT_RANGE} : ip daddr . {} dport ; flags interval ;",
+        m.protocol.nft()
+    )
+}
+
+fn range_ops<'a>(name: &'a str, m: &'a EndpointMap) -> impl Iterator<Item = Op<'a>> + 'a {
+    m.ranges()
+        .map(move |(first, last, ip, port)| Op::AddRange(name, first, last, ip, port))
+}
+
 fn set_spec(s: &Set) -> String {
     let mut spec = format!("type {} ;", s.key.as_str());
     if let Some(to) = s.timeout {
@@ -519,6 +619,7 @@ impl fmt::Display for Key {
             Key::Addr(a) => write!(f, "{a}"),
             Key::AddrProtoPort(a, p, port) => write!(f, "{a} . {} . {port}", p.nft()),
             Key::ProtoPort(p, port) => write!(f, "{} . {port}", p.nft()),
+            Key::AddrAddr(a, b) => write!(f, "{a} . {b}"),
         }
     }
 }
@@ -555,6 +656,8 @@ impl fmt::Display for Match {
             Match::NumgenZero(n) => write!(f, "numgen random mod {n} == 0"),
             Match::FibSaddrLocal => f.write_str("fib saddr type local"),
             Match::MarkClear(m) => write!(f, "meta mark & {m:#x} == 0"),
+            Match::CtStatusDnat => f.write_str("ct status dnat"),
+            Match::AddrPairIn(set) => write!(f, "ip saddr . ip daddr @{set}"),
         }
     }
 }
@@ -568,6 +671,7 @@ impl fmt::Display for Action {
             }
             Action::Vmap(KeyType::ProtoPort, m) => write!(f, "meta l4proto . th dport vmap @{m}"),
             Action::Vmap(KeyType::Addr, m) => write!(f, "ip daddr vmap @{m}"),
+            Action::Vmap(KeyType::AddrAddr, m) => write!(f, "ip saddr . ip daddr vmap @{m}"),
             Action::MarkOr(m) => write!(f, "meta mark set meta mark | {m:#x}"),
             Action::MarkXor(m) => write!(f, "meta mark set meta mark ^ {m:#x}"),
             Action::MasqueradeFullyRandom => f.write_str("masquerade fully-random"),
@@ -575,6 +679,9 @@ impl fmt::Display for Action {
             Action::Reject => f.write_str("reject"),
             Action::UpdateSaddr(s) => write!(f, "update @{s} {{ ip saddr }}"),
             Action::Dnat(ip, port) => write!(f, "dnat to {ip}:{port}"),
+            Action::DnatRandom(m) => {
+                write!(f, "dnat ip to numgen random mod {ENDPOINT_RANGE} map @{m}")
+            }
         }
     }
 }

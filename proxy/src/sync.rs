@@ -3,6 +3,7 @@
 //! netlink (`crate::netlink`), or through `nft -f -` where asked.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::process::Stdio;
 
 use tokio::io::AsyncWriteExt;
@@ -12,7 +13,7 @@ use tracing::{debug, warn};
 use crate::layout::{self, Layout};
 use crate::model::ServicePort;
 use crate::netlink;
-use crate::ruleset::{Op, Ruleset};
+use crate::ruleset::{KeyType, Op, Ruleset, Set};
 use crate::Error;
 
 /// What a sync did.
@@ -46,7 +47,7 @@ impl Written {
         for op in ops {
             match op {
                 Op::AddRule(..) => w.rules += 1,
-                Op::AddElement(..) | Op::DeleteElement(..) => w.elements += 1,
+                Op::AddElement(..) | Op::DeleteElement(..) | Op::AddRange(..) => w.elements += 1,
                 _ => {}
             }
         }
@@ -57,18 +58,24 @@ impl Written {
 /// A Service, by namespace and name.
 type ServiceKey = (String, String);
 
-/// What the kernel was given, in parts: the fixed table and each Service's share of it.
+/// What the kernel was given, in parts: the fixed table and each Service's share of it, and
+/// how many Services have each endpoint address (its hairpin element stays while any has).
 #[derive(Debug, Clone)]
 struct Parts {
     fixed: Ruleset,
     services: BTreeMap<ServiceKey, (Vec<ServicePort>, Ruleset)>,
+    hairpin: BTreeMap<Ipv4Addr, usize>,
 }
 
 impl Parts {
     fn build(layout: &Layout, ports: BTreeMap<ServiceKey, Vec<ServicePort>>) -> Parts {
+        let mut hairpin = BTreeMap::new();
         let services = ports
             .into_iter()
             .map(|(k, p)| {
+                for ip in layout::endpoint_ips(&p) {
+                    *hairpin.entry(ip).or_default() += 1;
+                }
                 let r = layout::build_services(layout, &p);
                 (k, (p, r))
             })
@@ -76,6 +83,7 @@ impl Parts {
         Parts {
             fixed: layout::build_fixed(layout),
             services,
+            hairpin,
         }
     }
 
@@ -84,7 +92,39 @@ impl Parts {
         for (_, part) in self.services.values() {
             r.merge(part.clone());
         }
+        if let Some(set) = r.sets.get_mut(layout::HAIRPIN_ENDPOINTS) {
+            set.elements
+                .extend(self.hairpin.keys().map(|ip| layout::hairpin_key(*ip)));
+        }
         r
+    }
+
+    /// Counts a Service's endpoints going from `old` to `new`, collecting the hairpin set's
+    /// elements that go (no Service has the address any more) and that come.
+    fn recount(
+        &mut self,
+        old: &[ServicePort],
+        new: &[ServicePort],
+        gone: &mut Set,
+        added: &mut Set,
+    ) {
+        let (before, after) = (layout::endpoint_ips(old), layout::endpoint_ips(new));
+        for ip in before.difference(&after) {
+            if let Some(n) = self.hairpin.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.hairpin.remove(ip);
+                    gone.elements.insert(layout::hairpin_key(*ip));
+                }
+            }
+        }
+        for ip in after.difference(&before) {
+            let n = self.hairpin.entry(*ip).or_default();
+            *n += 1;
+            if *n == 1 {
+                added.elements.insert(layout::hairpin_key(*ip));
+            }
+        }
     }
 }
 
@@ -152,21 +192,39 @@ impl Syncer {
         // Per changed Service: (its part before, its part now); None for an absent Service.
         let mut changed: Vec<(ServiceKey, Ruleset, Ruleset)> = vec![];
         let empty = || layout::build_services(layout, &[]);
+        let mut hairpin_gone = Set::new(KeyType::AddrAddr);
+        let mut hairpin_added = Set::new(KeyType::AddrAddr);
         for (key, p) in &ports {
-            match parts.services.get(key) {
-                Some((old_ports, _)) if old_ports == p => {}
-                Some((_, old_part)) => changed.push((
-                    key.clone(),
-                    old_part.clone(),
-                    layout::build_services(layout, p),
-                )),
-                None => changed.push((key.clone(), empty(), layout::build_services(layout, p))),
-            }
+            let (old_ports, old_part) = match parts.services.get(key) {
+                Some((old_ports, _)) if old_ports == p => continue,
+                Some((old_ports, old_part)) => (old_ports.clone(), old_part.clone()),
+                None => (vec![], empty()),
+            };
+            parts.recount(&old_ports, p, &mut hairpin_gone, &mut hairpin_added);
+            changed.push((key.clone(), old_part, layout::build_services(layout, p)));
         }
-        for (key, (_, old_part)) in &parts.services {
-            if !ports.contains_key(key) {
-                changed.push((key.clone(), old_part.clone(), empty()));
-            }
+        let removed: Vec<(ServiceKey, Vec<ServicePort>, Ruleset)> = parts
+            .services
+            .iter()
+            .filter(|(key, _)| !ports.contains_key(*key))
+            .map(|(key, (p, part))| (key.clone(), p.clone(), part.clone()))
+            .collect();
+        for (key, old_ports, old_part) in removed {
+            parts.recount(&old_ports, &[], &mut hairpin_gone, &mut hairpin_added);
+            changed.push((key, old_part, empty()));
+        }
+        if hairpin_gone != hairpin_added {
+            let with = |set: Set| {
+                let mut r = Ruleset::new(layout.table.clone());
+                r.sets.insert(layout::HAIRPIN_ENDPOINTS.into(), set);
+                r
+            };
+            // Keyed apart from every Service (names are never empty).
+            changed.push((
+                (String::new(), String::new()),
+                with(hairpin_gone),
+                with(hairpin_added),
+            ));
         }
         if changed.is_empty() {
             self.parts = Some(parts);
@@ -194,6 +252,9 @@ impl Syncer {
         };
         let (changed, r) = result;
         for (key, _, new) in changed {
+            if key.1.is_empty() {
+                continue;
+            }
             match ports.get(&key) {
                 Some(p) => {
                     parts.services.insert(key, (p.clone(), new));

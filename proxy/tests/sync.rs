@@ -160,6 +160,18 @@ async fn per_service_syncs_leave_what_a_full_sync_would() -> Result<()> {
         Applied::Partial
     );
     assert_eq!(kernel_state(&bed.table), full_a);
+    // New endpoints replace a map's elements and write no rule: the kernel re-validates the
+    // table's chain graph for a rule, not for data elements.
+    let mut moved = ports_a(&bed);
+    moved[0].endpoints.reverse();
+    assert_eq!(syncer.sync_ports(&lay, moved).await?, Applied::Partial);
+    assert_eq!(syncer.written.rules, 0, "{:?}", syncer.written);
+    assert!(syncer.written.elements >= 2, "{:?}", syncer.written);
+    assert_eq!(
+        syncer.sync_ports(&lay, ports_a(&bed)).await?,
+        Applied::Partial
+    );
+    assert_eq!(kernel_state(&bed.table), full_a);
     assert_eq!(Syncer::new().sync(state_b(&bed)).await?, Applied::Full);
     assert_eq!(partial_b, kernel_state(&bed.table));
     // Refused (an element it deletes is gone): retried in full.
@@ -376,7 +388,7 @@ async fn netlink_writes_the_table_nft_writes() -> Result<()> {
         .await?;
     assert_eq!(partial, kernel_state(&bed.table));
     assert!(
-        text.contains("numgen random mod 2 0 goto endpoint-"),
+        text.contains("dnat ip to numgen random mod 65536 map @endpoints-"),
         "{text}"
     );
     Ok(())

@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::Protocol;
+use crate::ruleset::ENDPOINT_RANGE;
 
 fn layout() -> Layout {
     Layout {
@@ -95,20 +96,18 @@ fn service_with_two_endpoints_golden() {
         &[web(&[("10.244.0.2", true), ("10.244.0.3", false)])],
     );
     let svc = "service-c7a03e88-ns/web/tcp/http";
-    let ep2 = "endpoint-6c6c8a63-ns/web/tcp/http__10.244.0.2/8080";
-    let ep3 = "endpoint-e7fc6c2d-ns/web/tcp/http__10.244.0.3/8080";
+    let eps = "endpoints-c7a03e88-ns/web/tcp/http";
     let ext = "external-c7a03e88-ns/web/tcp/http";
     let golden = format!(
         "add rule ip t {svc} ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade
-add rule ip t {svc} numgen random mod 2 == 0 goto {ep2}
-add rule ip t {svc} goto {ep3}
-add rule ip t {ep2} ip saddr 10.244.0.2 jump mark-for-masquerade
-add rule ip t {ep2} meta l4proto tcp dnat to 10.244.0.2:8080
-add rule ip t {ep3} ip saddr 10.244.0.3 jump mark-for-masquerade
-add rule ip t {ep3} meta l4proto tcp dnat to 10.244.0.3:8080
+add rule ip t {svc} meta l4proto tcp dnat ip to numgen random mod 65536 map @{eps}
 add rule ip t {ext} jump mark-for-masquerade
 add rule ip t {ext} goto {svc}
 add element ip t cluster-ips {{ 10.96.0.10 }}
+add element ip t hairpin-endpoints {{ 10.244.0.2 . 10.244.0.2 }}
+add element ip t hairpin-endpoints {{ 10.244.0.3 . 10.244.0.3 }}
+add element ip t {eps} {{ 0-32767 : 10.244.0.2 . 8080 }}
+add element ip t {eps} {{ 32768-65535 : 10.244.0.3 . 8080 }}
 add element ip t service-ips {{ 10.96.0.10 . tcp . 80 : goto {svc} }}
 add element ip t service-nodeports {{ tcp . 30080 : goto {ext} }}
 "
@@ -127,44 +126,38 @@ add element ip t service-nodeports {{ tcp . 30080 : goto {ext} }}
     sorted_golden.sort();
     sorted_ours.sort();
     assert_eq!(sorted_ours, sorted_golden, "{text}");
-    // Rules of one chain stay in order.
-    assert!(ours.contains(&format!(
-        "add rule ip t {svc} numgen random mod 2 == 0 goto {ep2}\nadd rule ip t {svc} goto {ep3}\n"
+    assert!(text.contains(&format!(
+        "add map ip t {eps} {{ typeof numgen random mod 65536 : ip daddr . tcp dport ; flags interval ; }}\n"
     )));
+    // A pod reaching itself through a Service is masqueraded, whichever Service it was.
+    assert_eq!(
+        r.chains["masquerading"].rules[0].to_string(),
+        "ct status dnat ip saddr . ip daddr @hairpin-endpoints jump mark-for-masquerade"
+    );
 }
 
 #[test]
 fn each_of_n_endpoints_gets_one_chance_in_n() {
-    let eps: Vec<(String, bool)> = (1..=4).map(|i| (format!("10.244.0.{i}"), false)).collect();
-    let eps: Vec<(&str, bool)> = eps.iter().map(|(s, l)| (s.as_str(), *l)).collect();
-    let r = build(&layout(), &[web(&eps)]);
-    let rules = &r.chains["service-c7a03e88-ns/web/tcp/http"].rules;
-    let texts: Vec<String> = rules[1..].iter().map(|r| r.to_string()).collect();
-    let picks: Vec<&str> = texts
-        .iter()
-        .map(|r| r.split(" goto ").next().unwrap())
-        .collect();
-    assert_eq!(
-        picks,
-        vec![
-            "numgen random mod 4 == 0",
-            "numgen random mod 3 == 0",
-            "numgen random mod 2 == 0",
-            "goto endpoint-779e7f54-ns/web/tcp/http__10.244.0.4/8080"
-        ]
-    );
-    // The chance each rule's endpoint gets, from the moduli in the rules (a plain goto: 1).
-    let mut left = 1.0_f64;
-    for pick in &picks {
-        let n: f64 = pick
-            .strip_prefix("numgen random mod ")
-            .and_then(|r| r.strip_suffix(" == 0"))
-            .map_or(1.0, |n| n.parse().unwrap());
-        let p = left / n;
-        assert!((p - 0.25).abs() < 1e-12, "{pick}: {p}");
-        left -= p;
+    for n in 1..=12u32 {
+        let eps: Vec<(String, bool)> = (1..=n).map(|i| (format!("10.244.0.{i}"), false)).collect();
+        let eps: Vec<(&str, bool)> = eps.iter().map(|(s, l)| (s.as_str(), *l)).collect();
+        let r = build(&layout(), &[web(&eps)]);
+        let map = &r.endpoint_maps["endpoints-c7a03e88-ns/web/tcp/http"];
+        let ranges: Vec<(u32, u32, Ipv4Addr, u16)> = map.ranges().collect();
+        assert_eq!(ranges.len() as u32, n);
+        // The ranges tile the random numbers in order, each endpoint once, in shares equal to
+        // within one number.
+        let mut next = 0;
+        for (k, (first, last, ip, port)) in ranges.iter().enumerate() {
+            assert_eq!(*first, next, "n={n}");
+            assert_eq!(ip.to_string(), eps[k].0);
+            assert_eq!(*port, 8080);
+            let share = last - first + 1;
+            assert!(share.abs_diff(ENDPOINT_RANGE / n) <= 1, "n={n}: {share}");
+            next = last + 1;
+        }
+        assert_eq!(next, ENDPOINT_RANGE, "n={n}");
     }
-    assert!(left.abs() < 1e-12);
 }
 
 #[test]
@@ -211,12 +204,19 @@ fn local_policies_use_local_endpoints() {
     let r = build(&layout(), &[sp.clone()]);
     let local = "local-c7a03e88-ns/web/tcp/http";
     let ext = "external-c7a03e88-ns/web/tcp/http";
+    let local_eps = "local-endpoints-c7a03e88-ns/web/tcp/http";
     assert_eq!(
         r.chains[local].rules[1..]
             .iter()
             .map(|r| r.to_string())
             .collect::<Vec<_>>(),
-        ["goto endpoint-6c6c8a63-ns/web/tcp/http__10.244.0.2/8080".to_string()]
+        [format!(
+            "meta l4proto tcp dnat ip to numgen random mod 65536 map @{local_eps}"
+        )]
+    );
+    assert_eq!(
+        r.endpoint_maps[local_eps].targets,
+        [("10.244.0.2".parse().unwrap(), 8080)]
     );
     assert_eq!(
         r.maps["service-ips"].elements[&key("10.96.0.10 . tcp . 80")].to_string(),
@@ -249,16 +249,20 @@ fn removing_a_service_deletes_its_chains_and_elements() {
     let old = build(&layout(), &[web(&[("10.244.0.2", false)])]);
     let new = build(&layout(), &[]);
     let diff = new.render_diff(&old).unwrap();
+    // Elements first, the map once no rule uses it, chains once flushed.
     assert_eq!(
-        diff.lines().filter(|l| l.starts_with("delete")).count(),
-        3 + 3,
-        "{diff}"
-    );
-    assert_eq!(
-        diff.lines()
-            .filter(|l| l.starts_with("flush chain"))
-            .count(),
-        3
+        diff,
+        "add table ip t
+delete element ip t service-ips { 10.96.0.10 . tcp . 80 }
+delete element ip t service-nodeports { tcp . 30080 }
+delete element ip t cluster-ips { 10.96.0.10 }
+delete element ip t hairpin-endpoints { 10.244.0.2 . 10.244.0.2 }
+flush chain ip t external-c7a03e88-ns/web/tcp/http
+flush chain ip t service-c7a03e88-ns/web/tcp/http
+delete map ip t endpoints-c7a03e88-ns/web/tcp/http
+delete chain ip t external-c7a03e88-ns/web/tcp/http
+delete chain ip t service-c7a03e88-ns/web/tcp/http
+"
     );
     assert!(!diff.contains("add rule"), "{diff}");
 }
