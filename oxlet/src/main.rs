@@ -2,15 +2,17 @@
 
 mod agent_cmd;
 mod image_cmd;
+mod kube_context;
 mod node_dirs;
 mod proxy_cmd;
 mod run_cmd;
 mod status_cmd;
 mod uninstall_cmd;
 mod up_cmd;
+mod up_config;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +40,7 @@ enum Command {
     Image(image_cmd::ImageCommand),
     /// Run the single-node cluster (control plane, node agent and kube-proxy) until SIGTERM or
     /// Ctrl-C.
+    #[command(args_override_self = true)]
     Up(up_cmd::UpArgs),
     /// Run the node agent: register this node and run the pods bound to it.
     Agent(agent_cmd::AgentArgs),
@@ -67,7 +70,7 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("OXLET_LOG")
@@ -75,7 +78,26 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // A user error is its message and causes on one line; the backtrace (captured when
+            // RUST_BACKTRACE is set) only when debug logging was asked for.
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    // `oxlet up --config FILE`: the file's settings become flags ahead of the command line's.
+    let command = Cli::command();
+    let argv = up_config::expand(std::env::args_os().collect(), &command)?;
+    let cli = Cli::from_arg_matches(&command.get_matches_from(argv)).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Image(cmd) => image_cmd::run(&cli.data_dir, cmd),
         Command::Up(args) => up_cmd::run(&cli.data_dir, args),

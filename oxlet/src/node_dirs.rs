@@ -32,6 +32,10 @@ pub struct NodeDirs {
     /// Container logs.
     #[arg(long, default_value = "/var/log/pods")]
     pub log_dir: PathBuf,
+    /// Static pods: a directory of pod manifests (YAML or JSON, one pod per file) the agent
+    /// runs itself, with their mirror pods in the API (kubelet's --pod-manifest-path).
+    #[arg(long)]
+    pub pod_manifest_path: Option<PathBuf>,
     #[command(flatten)]
     pub cni: CniDirs,
 }
@@ -41,6 +45,7 @@ impl NodeDirs {
     pub fn apply(self, cfg: &mut agent::Config) {
         cfg.run_dir = self.run_dir;
         cfg.log_dir = self.log_dir;
+        cfg.pod_manifest_path = self.pod_manifest_path;
         cfg.cni_conf_dir = self.cni.cni_conf_dir;
         cfg.cni_bin_dirs = self.cni.cni_bin_dir;
         cfg.cni_cache_dir = self.cni.cni_cache_dir;

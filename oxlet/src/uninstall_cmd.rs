@@ -19,6 +19,17 @@ pub struct UninstallArgs {
     proxy_table: String,
 }
 
+impl UninstallArgs {
+    /// What `oxlet up --reset` removes: the same kubeconfig and directories it runs with.
+    pub fn new(kubeconfig: PathBuf, dirs: crate::node_dirs::NodeDirs) -> Self {
+        UninstallArgs {
+            kubeconfig,
+            dirs,
+            proxy_table: "oxlet-proxy".into(),
+        }
+    }
+}
+
 /// Running `oxlet up`, `oxlet agent` and `oxlet proxy` processes: pid, arguments.
 fn running_oxlets() -> Vec<(i32, Vec<String>)> {
     let me = std::process::id() as i32;
@@ -157,6 +168,14 @@ pub fn run(data_dir: &Path, args: UninstallArgs) -> Result<()> {
                     "nftables table inet {}",
                     cni::masq::table_name("oxlet")
                 ));
+                if cni::hostport::table_exists("oxlet").unwrap_or(true) {
+                    cni::masq::apply(cni::hostport::render_drop("oxlet"))
+                        .context("remove the CNI network's hostPort table")?;
+                    removed.push(format!(
+                        "nftables table inet {}",
+                        cni::hostport::table_name("oxlet")
+                    ));
+                }
                 remove_file(&conf, &mut removed)?;
                 if let Some(bin) = cni.cni_bin_dir.first() {
                     remove_file(&bin.join("oxlet-bridge"), &mut removed)?;

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -56,6 +56,57 @@ pub struct UpArgs {
     /// Run without the cluster DNS (pods get the node's resolvers).
     #[arg(long)]
     no_dns: bool,
+    /// Audiences a service account token must name to be accepted by the API server,
+    /// comma-separated (default: the issuer, https://kubernetes.default.svc.cluster.local).
+    #[arg(long, value_delimiter = ',')]
+    api_audiences: Vec<String>,
+    /// A YAML or TOML file whose keys are these flags' long names (`cluster-cidr: ...`,
+    /// `no-dns: true`); flags on the command line win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// First remove everything an earlier `oxlet up` made here, as `oxlet uninstall` does, then
+    /// start a new cluster.
+    #[arg(long)]
+    reset: bool,
+    /// Also put the admin credentials into a kubeconfig as context `oxlet`, made current
+    /// (FILE defaults to the first of $KUBECONFIG, else ~/.kube/config).
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    merge_kubeconfig: Option<Option<PathBuf>>,
+}
+
+/// Waits until Node `name` reports Ready=True from a heartbeat of this run; false if the API
+/// is gone.
+async fn wait_node_ready(client: kube::Client, name: &str) -> bool {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    loop {
+        match nodes.get_opt(name).await {
+            Ok(Some(n)) => {
+                // A Ready condition from before this start (a resumed cluster) does not count.
+                let ready = n
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| {
+                        c.type_ == "Ready"
+                            && c.status == "True"
+                            && c.last_heartbeat_time
+                                .as_ref()
+                                .is_some_and(|t| t.0.as_second() >= since)
+                    });
+                if ready {
+                    return true;
+                }
+            }
+            Ok(None) => {}
+            Err(kube::Error::Api(_)) => {}
+            Err(_) => return false,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// `50s`, `2m`, `1h` or plain seconds.
@@ -74,8 +125,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
+    let started = Instant::now();
+    if let Some(file) = &args.config {
+        eprintln!("settings from {}", file.display());
+    }
+    if args.reset {
+        let un =
+            crate::uninstall_cmd::UninstallArgs::new(args.kubeconfig.clone(), args.dirs.clone());
+        crate::uninstall_cmd::run(data_dir, un).context("--reset")?;
+    }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let mut cfg = control::Config::new(data_dir);
         cfg.listen = std::net::SocketAddr::from(([0, 0, 0, 0], args.port));
         cfg.kubeconfig = args.kubeconfig;
@@ -83,6 +143,7 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
             (args.cluster_cidr.network(), args.cluster_cidr.prefix_len());
         cfg.controller_cfg.node_cidr_mask = args.node_cidr_mask_size;
         cfg.controller_cfg.node_monitor_grace_period = args.node_monitor_grace_period;
+        cfg.api_audiences = args.api_audiences.clone();
         let node = match args.node_name {
             Some(n) => n,
             None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
@@ -97,6 +158,13 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
             server.kubeconfig.display(),
             server.kubeconfig.display()
         );
+        if let Some(into) = &args.merge_kubeconfig {
+            let into = into
+                .clone()
+                .unwrap_or_else(crate::kube_context::default_path);
+            crate::kube_context::merge(&server.kubeconfig, &into, "oxlet")?;
+            eprintln!("context oxlet (current) in {}", into.display());
+        }
         let mut parts = tokio::task::JoinSet::new();
         let resolv_conf = args
             .resolv_conf
@@ -172,6 +240,16 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
                 }
             });
             eprintln!("node agent: node {node}");
+            let client = server.client(Identity::component("system:kube-controller-manager"));
+            let name = node.clone();
+            parts.spawn(async move {
+                if wait_node_ready(client, &name).await {
+                    eprintln!(
+                        "node {name} Ready, {:.1} s after start",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+            });
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -183,5 +261,9 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
         parts.abort_all();
         server.stop();
         Ok(())
-    })
+    });
+    // Blocking work in flight (a container stop waiting out its grace period) is left to the
+    // next start, as when kubelet stops; waiting for it would hold the exit for up to that long.
+    rt.shutdown_timeout(Duration::from_millis(500));
+    result
 }

@@ -7,7 +7,7 @@
 //! `oxlet-proxy` table and 10.96.0.0/12.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,30 +20,6 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
 const PREFIX: &str = "oxlet-dns-test-";
-
-struct Up {
-    child: Option<Child>,
-    kc: std::path::PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // The pod goes first, while the agent can still tear it down.
-        if self.child.is_some() {
-            let _ = kubectl(
-                &self.kc,
-                &["delete", "pod", "--all", "--wait", "--timeout=60s"],
-                None,
-            );
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        uninstall(self.dir.path(), &[]);
-    }
-}
 
 /// An upstream resolver on a loopback address, port 53 (resolv.conf names no ports):
 /// `*.upstream.test` is A 198.51.100.7, everything else NXDOMAIN. Counts queries.
@@ -99,42 +75,15 @@ fn nft_service_ips() -> String {
 #[ignore = "run alone by scripts/test (owns the oxlet-proxy table and 10.96.0.0/12)"]
 fn pods_resolve_services_through_the_cluster_dns() {
     let (upstream_ip, upstream_count) = upstream();
-    sweep(PREFIX, &[]);
-    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir().unwrap();
-    let d = dir.path();
-    let resolv = d.join("resolv.conf");
+    let mut up = Cluster::new(PREFIX);
+    let resolv = up.path().join("resolv.conf");
     std::fs::write(
         &resolv,
         format!("nameserver {upstream_ip}\nsearch upstream.test\noptions edns0\n"),
     )
     .unwrap();
-    let port = free_port();
-    let kc = d.join("admin.kubeconfig");
-    let child = Command::new(env!("CARGO_BIN_EXE_oxlet"))
-        .arg("--data-dir")
-        .arg(d.join("data"))
-        .args(["up", "--port", &port.to_string(), "--kubeconfig"])
-        .arg(&kc)
-        .arg("--run-dir")
-        .arg(d.join("run"))
-        .arg("--log-dir")
-        .arg(d.join("logs"))
-        .arg("--cni-conf-dir")
-        .arg(d.join("net.d"))
-        .arg("--cni-bin-dir")
-        .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
-        .arg("--cni-cache-dir")
-        .arg(d.join("cni-cache"))
-        .arg("--resolv-conf")
-        .arg(&resolv)
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("oxlet up starts");
-    let up = Up {
-        child: Some(child),
-        kc: kc.clone(),
-        dir,
-    };
+    let kc = up.kubeconfig();
+    up.restart_with(&["--resolv-conf", resolv.to_str().unwrap()]);
     until("the API server", Duration::from_secs(30), || {
         kc.exists()
             && kubectl(&kc, &["get", "--raw", "/readyz"], None)
@@ -249,6 +198,7 @@ fn pods_resolve_services_through_the_cluster_dns() {
                   nslookup www.upstream.test; echo ===; \
                   ping -c 1 -W 1 kubernetes.default; echo ===; \
                   ping -c 1 -W 1 dns-web; echo ===";
+    let image = busybox();
     let pod = format!(
         "apiVersion: v1
 kind: Pod
@@ -258,7 +208,7 @@ spec:
   terminationGracePeriodSeconds: 0
   containers:
   - name: c
-    image: 127.0.0.1:5000/test/busybox:latest
+    image: {image}
     command: [sh, -c, '{script}']
 "
     );
@@ -280,7 +230,6 @@ spec:
         None,
     ));
     let log_path = up
-        .dir
         .path()
         .join(format!("logs/default_dns-client_{uid}/c/0.log"));
     let log = std::fs::read_to_string(&log_path).unwrap();

@@ -10,26 +10,10 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const PREFIX: &str = "oxlet-up-test-";
-
-struct Up {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // Whatever the test did not get to: pods, tables, the bridge.
-        uninstall(self.dir.path(), &[]);
-    }
-}
 
 /// Whether any cgroup at or below `dir` holds a process.
 fn has_processes(dir: &Path) -> bool {
@@ -45,33 +29,9 @@ fn has_processes(dir: &Path) -> bool {
 #[test]
 #[ignore = "run alone by scripts/test (owns the oxlet-proxy table and 10.96.0.0/12)"]
 fn up_runs_a_deployment_behind_a_service_until_sigterm() {
-    sweep(PREFIX, &[]);
-    let dir = tempfile::Builder::new().prefix(PREFIX).tempdir().unwrap();
-    let port = free_port();
-    let kc = dir.path().join("admin.kubeconfig");
-    let d = dir.path().to_path_buf();
-    let child = Command::new(env!("CARGO_BIN_EXE_oxlet"))
-        .arg("--data-dir")
-        .arg(d.join("data"))
-        .args(["up", "--port", &port.to_string(), "--kubeconfig"])
-        .arg(&kc)
-        .arg("--run-dir")
-        .arg(d.join("run"))
-        .arg("--log-dir")
-        .arg(d.join("logs"))
-        .arg("--cni-conf-dir")
-        .arg(d.join("net.d"))
-        .arg("--cni-bin-dir")
-        .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
-        .arg("--cni-cache-dir")
-        .arg(d.join("cni-cache"))
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("oxlet up starts");
-    let mut up = Up {
-        child: Some(child),
-        dir,
-    };
+    let mut up = Cluster::start(PREFIX);
+    let (kc, port) = (up.kubeconfig(), up.port);
+    let d = up.path().to_path_buf();
     until("the API server", Duration::from_secs(30), || {
         kc.exists()
             && kubectl(&kc, &["get", "--raw", "/readyz"], None)
@@ -90,13 +50,7 @@ fn up_runs_a_deployment_behind_a_service_until_sigterm() {
     until(
         "the rule for 10.96.0.1:443",
         Duration::from_secs(20),
-        || {
-            let out = Command::new("nft")
-                .args(["list", "map", "ip", "oxlet-proxy", "service-ips"])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).contains("10.96.0.1 . tcp . 443")
-        },
+        || proxy_rule("10.96.0.1 . tcp . 443"),
     );
     // Only now, with the rule in place, is the ClusterIP used (it never leaves the machine).
     let out = Command::new("curl")
@@ -128,7 +82,7 @@ fn up_runs_a_deployment_behind_a_service_until_sigterm() {
         None,
     ));
     assert_eq!(cidr, "10.244.0.0/24");
-    let conf = std::fs::read_to_string(up.dir.path().join("net.d/10-oxlet.conflist")).unwrap();
+    let conf = std::fs::read_to_string(up.path().join("net.d/10-oxlet.conflist")).unwrap();
     assert!(
         conf.contains("10.244.0.0/24") && conf.contains("oxlet-bridge"),
         "{conf}"
@@ -147,7 +101,7 @@ spec:
       terminationGracePeriodSeconds: 1
       containers:
       - name: web
-        image: 127.0.0.1:5000/test/busybox:latest
+        image: BUSYBOX
         command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www']
         ports: [{containerPort: 8080}]
 ---
@@ -157,8 +111,9 @@ metadata: {name: web}
 spec:
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
-";
-    ok(kubectl(&kc, &["apply", "-f", "-"], Some(web)));
+"
+    .replace("BUSYBOX", busybox());
+    ok(kubectl(&kc, &["apply", "-f", "-"], Some(&web)));
     let out = ok(kubectl(
         &kc,
         &["rollout", "status", "deploy/web", "--timeout=120s"],
@@ -188,13 +143,8 @@ spec:
         "the rule for the web Service with two endpoints",
         Duration::from_secs(20),
         || {
-            let out = Command::new("nft")
-                .args(["list", "table", "ip", "oxlet-proxy"])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.contains(&format!("{ip} . tcp . 80"))
-                && text.matches("chain endpoint-").count() >= 3
+            let text = proxy_table();
+            text.contains(&format!("{ip} . tcp . 80")) && text.matches(" : 10.244.").count() >= 2
         },
     );
     let mut seen = std::collections::HashSet::new();
@@ -240,7 +190,7 @@ spec:
             "{part} not ok:\n{text}"
         );
     }
-    ok(kubectl(&kc, &["delete", "-f", "-"], Some(web)));
+    ok(kubectl(&kc, &["delete", "-f", "-"], Some(&web)));
     until("the pods gone", Duration::from_secs(60), || {
         let out = kubectl(&kc, &["get", "pods", "-o", "name"], None);
         out.status.success() && out.stdout.is_empty()
@@ -253,7 +203,7 @@ spec:
             "create",
             "deployment",
             "keep",
-            "--image=127.0.0.1:5000/test/busybox:latest",
+            &format!("--image={}", busybox()),
             "--",
             "sleep",
             "3600",
@@ -281,24 +231,7 @@ spec:
         runtime::cgroup::controller_dir("memory", &format!("kubepods/besteffort/pod{uid}"));
 
     // SIGTERM: it stops, and the proxy's rules stay for traffic already flowing.
-    let mut child = up.child.take().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "oxlet up did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status:?}");
+    up.stop();
     let listed = Command::new("nft")
         .args(["list", "table", "ip", "oxlet-proxy"])
         .output()
@@ -358,5 +291,4 @@ spec:
     ] {
         assert!(!d.join(gone).exists(), "{gone} left");
     }
-    let _ = &up.dir;
 }
