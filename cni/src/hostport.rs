@@ -173,16 +173,35 @@ pub fn render_drop(network: &str) -> String {
 
 /// Whether the network's table exists (one netlink request).
 pub fn table_exists(network: &str) -> std::io::Result<bool> {
-    masq::nft_netlink::get_table(libc::NFPROTO_INET as u8, &table_name(network))
+    without_nftables_none(masq::nft_netlink::get_table(
+        libc::NFPROTO_INET as u8,
+        &table_name(network),
+    ))
 }
 
 /// Whether the attachment has chains (one netlink request).
 pub fn chains_exist(network: &str, prefix: &str) -> std::io::Result<bool> {
-    masq::nft_netlink::get_chain(
+    without_nftables_none(masq::nft_netlink::get_chain(
         libc::NFPROTO_INET as u8,
         &table_name(network),
         &format!("{prefix}-pre"),
-    )
+    ))
+}
+
+/// A kernel without nf_tables (nfnetlink answers EINVAL for an unknown subsystem) holds no
+/// hostPort rules: DEL and GC then have nothing to remove, where `nft` would fail.
+fn without_nftables_none(r: std::io::Result<bool>) -> std::io::Result<bool> {
+    match r {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT)
+            ) =>
+        {
+            Ok(false)
+        }
+        r => r,
+    }
 }
 
 /// The attachment prefixes that have chains in the network's table (runs `nft`).
@@ -228,6 +247,14 @@ pub fn pod_ips(ips: &[IpNet]) -> Vec<IpAddr> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_kernel_without_nftables_has_no_chains() {
+        let e = |n| Err(std::io::Error::from_raw_os_error(n));
+        assert!(!without_nftables_none(e(libc::EINVAL)).unwrap());
+        assert!(without_nftables_none(e(libc::EPERM)).is_err());
+        assert!(without_nftables_none(Ok(true)).unwrap());
+    }
 
     #[test]
     fn parses_and_validates() {
