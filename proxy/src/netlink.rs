@@ -895,8 +895,55 @@ pub fn send(batch: &Batch, describe: impl Fn(Range<usize>) -> String) -> Result<
     Ok(())
 }
 
-/// Applies `ops` on table `ip <table>` in one transaction through netlink (blocking).
+/// Applies `ops` on table `ip <table>` through netlink (blocking): in one transaction, except
+/// that endpoint maps new to an existing table are made, with their elements, in one before.
+/// The kernel flips to a transaction's rules before it publishes the elements of a set created
+/// in it, so a rule that starts to use a new map could meanwhile miss in it: the connection
+/// would fall through to the reject of its ClusterIP.
 pub fn apply(table: &str, ops: &[Op<'_>], group_elements: bool) -> Result<(), Error> {
+    let (first, rest) = split_new_endpoint_maps(ops);
+    if first.is_empty() {
+        return apply_one(table, &rest, group_elements);
+    }
+    apply_one(table, &first, group_elements)?;
+    let r = apply_one(table, &rest, group_elements);
+    if r.is_err() {
+        // A refused sync changes nothing: the maps made for it go again.
+        let undo: Vec<Op<'_>> = first
+            .iter()
+            .filter_map(|o| match o {
+                Op::AddEndpointMap(n, _) => Some(Op::DeleteMap(n)),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = apply_one(table, &undo, false) {
+            tracing::warn!(%table, error = %e, "remove the endpoint maps of a refused sync");
+        }
+    }
+    r
+}
+
+/// The steps that make endpoint maps new to an existing table (with `AddTable` first), and the
+/// others; none when the table itself is replaced.
+fn split_new_endpoint_maps<'a>(ops: &[Op<'a>]) -> (Vec<Op<'a>>, Vec<Op<'a>>) {
+    let new: std::collections::BTreeSet<&str> = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::AddEndpointMap(n, _) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    if new.is_empty() || ops.contains(&Op::DeleteTable) {
+        return (vec![], ops.to_vec());
+    }
+    let (mut first, rest): (Vec<Op<'a>>, Vec<Op<'a>>) = ops.iter().cloned().partition(|o| {
+        matches!(o, Op::AddEndpointMap(..)) || matches!(o, Op::AddRange(n, ..) if new.contains(n))
+    });
+    first.insert(0, Op::AddTable);
+    (first, rest)
+}
+
+fn apply_one(table: &str, ops: &[Op<'_>], group_elements: bool) -> Result<(), Error> {
     let batch = encode(table, ops, group_elements);
     send(&batch, |steps| {
         let n = steps.len();
@@ -927,6 +974,48 @@ mod tests {
             at += len;
         }
         out
+    }
+
+    #[test]
+    fn new_endpoint_maps_come_in_a_transaction_before_the_rules_that_use_them() {
+        let m = crate::ruleset::EndpointMap {
+            protocol: crate::model::Protocol::Tcp,
+            targets: vec![([10, 0, 0, 1].into(), 80), ([10, 0, 0, 2].into(), 80)],
+        };
+        let rule =
+            crate::ruleset::Rule::new(vec![], crate::ruleset::Action::DnatRandom("m".into()));
+        let ops = vec![
+            Op::AddTable,
+            Op::AddEndpointMap("m", &m),
+            Op::AddRange("m", 0, 32767, [10, 0, 0, 1].into(), 80),
+            Op::AddRange("m", 32768, 65535, [10, 0, 0, 2].into(), 80),
+            Op::FlushElements("old"),
+            Op::AddRange("old", 0, 65535, [10, 0, 0, 3].into(), 80),
+            Op::AddRule("svc", &rule),
+        ];
+        let (first, rest) = split_new_endpoint_maps(&ops);
+        assert_eq!(
+            first,
+            [
+                ops[0].clone(),
+                ops[1].clone(),
+                ops[2].clone(),
+                ops[3].clone()
+            ]
+        );
+        assert_eq!(
+            rest,
+            [
+                ops[0].clone(),
+                ops[4].clone(),
+                ops[5].clone(),
+                ops[6].clone()
+            ]
+        );
+        // A table replaced whole stays one transaction.
+        let mut full = vec![Op::AddTable, Op::DeleteTable];
+        full.extend(ops);
+        assert_eq!(split_new_endpoint_maps(&full), (vec![], full.clone()));
     }
 
     #[test]
