@@ -62,7 +62,12 @@ impl Node {
                     .display()
             ))
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.p("agent.log"))?,
+            );
         // SAFETY: prctl in the forked child before exec; the agent dies with this test.
         let child = unsafe {
             cmd.pre_exec(|| {
@@ -263,7 +268,7 @@ async fn agent_killed_mid_burst_restarts_without_leaks_or_restarts() -> Result<(
             .await?;
     }
     node.start_agent()?;
-    wait_for(
+    let waited = wait_for(
         "the other 25 pods running",
         Duration::from_secs(180),
         async || {
@@ -271,7 +276,26 @@ async fn agent_killed_mid_burst_restarts_without_leaks_or_restarts() -> Result<(
             Ok(items.len() == PODS / 2 && items.iter().all(running))
         },
     )
-    .await?;
+    .await
+    .with_context(|| {
+        let shims = sh("ps -eo pid,ppid,stat,etimes,args | grep [o]xlet-shim | cut -c1-160");
+        format!("footprint {:?}\n{shims}", node.footprint())
+    });
+    if let Err(e) = waited {
+        let stuck: Vec<String> = pods
+            .list(&lp)
+            .await?
+            .items
+            .iter()
+            .filter(|p| !running(p))
+            .map(|p| format!("{:?}: {:?}", p.metadata.name, p.status))
+            .collect();
+        let log = sh(&format!(
+            "grep -E 'WARN|ERROR' {} | tail -40",
+            node.p("agent.log").display()
+        ));
+        bail!("{e:#}\nnot running: {stuck:#?}\nagent warnings:\n{log}");
+    }
     wait_for(
         "the deleted pods' leftovers removed",
         Duration::from_secs(60),
