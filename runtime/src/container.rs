@@ -216,7 +216,7 @@ pub fn start(paths: &Paths, id: &str) -> Result<()> {
 fn load(paths: &Paths, id: &str) -> Result<Container> {
     valid_id(id)?;
     let root = paths.state_root.join(id);
-    if !root.join("state.json").exists() {
+    if !has_state(&root) {
         return Err(Error::NotFound(id.to_string()));
     }
     let mut c = Container::load(root).map_err(lc_err(id))?;
@@ -284,10 +284,18 @@ fn never_started(paths: &Paths, id: &str) -> bool {
     !paths.dir(id).join("started_at").exists()
 }
 
-/// True while container `id` has no process yet: no libcontainer state, or one without a pid.
+/// Whether libcontainer's state of a container is there to read. libcontainer truncates
+/// state.json before it writes it, so a caller killed in between (during `start`) leaves it
+/// empty: nothing then says what runs, and the container counts as having no state.
+fn has_state(root: &Path) -> bool {
+    std::fs::metadata(root.join("state.json")).is_ok_and(|m| m.len() > 0)
+}
+
+/// True while container `id` has no process it knows of: no libcontainer state, or one without
+/// a pid.
 fn building(paths: &Paths, id: &str) -> bool {
     let root = paths.state_root.join(id);
-    if !root.join("state.json").exists() {
+    if !has_state(&root) {
         return true;
     }
     Container::load(root).is_ok_and(|c| c.pid().is_none())
@@ -340,7 +348,12 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
     }
     let mut c = match load(paths, id) {
         Ok(c) => c,
-        Err(Error::NotFound(_)) => return Ok(exit_info(paths, id).unwrap_or_else(lost_exit)),
+        Err(Error::NotFound(_)) => {
+            // No state to go by: whatever of it may still run (a shim, a process whose start
+            // was cut short) is ended through its command line and cgroup.
+            kill_building_shim(paths, id);
+            return Ok(exit_info(paths, id).unwrap_or_else(lost_exit));
+        }
         Err(e) => return Err(e),
     };
     if c.pid().is_none() {
@@ -377,7 +390,7 @@ pub fn delete(paths: &Paths, id: &str) -> Result<()> {
     if building {
         kill_building_shim(paths, id);
     }
-    if root.join("state.json").exists() {
+    if has_state(&root) {
         if !building && exit_info(paths, id).is_none() && paths.dir(id).exists() {
             stop(paths, id, Duration::ZERO)?;
         }

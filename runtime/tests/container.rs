@@ -515,3 +515,37 @@ fn delete_ends_a_shim_still_building_the_container() {
     assert!(!alive(), "delete left the building shim running");
     assert!(!env.paths.state_root.join(&b.id).exists());
 }
+
+/// A caller killed inside `start`, after libcontainer truncated state.json and before it wrote
+/// it again, leaves a running container with an empty state: it shows as created (never
+/// reported started), and `delete` ends its process, shim and cgroup.
+#[test]
+fn an_empty_state_left_by_a_start_cut_short_is_made_again_and_deleted() {
+    let env = Env::new();
+    let cg = test_cgroup();
+    let b = Bundle::new(&env, &sh("c", "sleep 600"), Namespaces::default(), &cg.0);
+    b.create();
+    container::start(&env.paths, &b.id).unwrap();
+    let State::Running { pid } = container::state(&env.paths, &b.id).unwrap() else {
+        panic!("not running");
+    };
+    std::fs::remove_file(env.paths.dir(&b.id).join("started_at")).unwrap();
+    std::fs::write(env.paths.state_root.join(&b.id).join("state.json"), "").unwrap();
+    assert_eq!(container::state(&env.paths, &b.id).unwrap(), State::Created);
+    container::delete(&env.paths, &b.id).unwrap();
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"));
+        if zombie {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the process survived delete"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!env.paths.state_root.join(&b.id).exists());
+    assert!(!runtime::cgroup::controller_dir("memory", &b.cgroup).exists());
+}
