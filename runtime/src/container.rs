@@ -347,20 +347,16 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
         return Ok(e);
     }
     let mut c = match load(paths, id) {
-        Ok(c) => c,
-        Err(Error::NotFound(_)) => {
-            // No state to go by: whatever of it may still run (a shim, a process whose start
-            // was cut short) is ended through its command line and cgroup.
+        Ok(c) if c.pid().is_some() => c,
+        // No state, or one without a process: whatever of it may still run (a shim still
+        // building it, a process whose start was cut short) is ended through its command
+        // line and cgroup.
+        Ok(_) | Err(Error::NotFound(_)) => {
             kill_building_shim(paths, id);
             return Ok(exit_info(paths, id).unwrap_or_else(lost_exit));
         }
         Err(e) => return Err(e),
     };
-    if c.pid().is_none() {
-        // Never got a process: what is building it goes, and nothing ran to report.
-        kill_building_shim(paths, id);
-        return Ok(exit_info(paths, id).unwrap_or_else(lost_exit));
-    }
     if c.status() == ContainerStatus::Stopped {
         return Ok(stopped_exit(paths, id));
     }
@@ -386,12 +382,13 @@ pub fn stop(paths: &Paths, id: &str, grace: Duration) -> Result<ExitInfo> {
 pub fn delete(paths: &Paths, id: &str) -> Result<()> {
     valid_id(id)?;
     let root = paths.state_root.join(id);
-    let building = exit_info(paths, id).is_none() && building(paths, id);
+    let exited = exit_info(paths, id).is_some();
+    let building = !exited && building(paths, id);
     if building {
         kill_building_shim(paths, id);
     }
     if has_state(&root) {
-        if !building && exit_info(paths, id).is_none() && paths.dir(id).exists() {
+        if !building && !exited && paths.dir(id).exists() {
             stop(paths, id, Duration::ZERO)?;
         }
         let mut c = Container::load(root.clone()).map_err(lc_err(id))?;
