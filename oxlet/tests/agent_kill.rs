@@ -5,10 +5,10 @@
 
 mod common;
 
-use common::{sweep, uninstall};
+use common::{bin_dir, dir_flags, sweep, uninstall};
 use std::collections::{HashMap, HashSet};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,21 +45,9 @@ impl Node {
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(["--node-name", &self.name])
-            .arg("--run-dir")
-            .arg(self.p("run"))
-            .arg("--log-dir")
-            .arg(self.p("logs"))
-            .arg("--cni-conf-dir")
-            .arg(self.p("net.d"))
-            .arg("--cni-cache-dir")
-            .arg(self.p("cni-cache"))
-            .arg("--cni-bin-dir")
-            .arg(format!(
-                "{},/usr/lib/cni",
-                Path::new(env!("CARGO_BIN_EXE_oxlet"))
-                    .parent()
-                    .context("bin dir")?
-                    .display()
+            .args(dir_flags(
+                self.dir.path(),
+                &format!("{},/usr/lib/cni", bin_dir().display()),
             ))
             .stdout(Stdio::null())
             .stderr(

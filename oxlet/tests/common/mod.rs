@@ -54,32 +54,46 @@ pub fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The node directory flags of a test's `oxlet up`, `agent` or `uninstall` below `dir`, laid
+/// out as the tests lay it out (run, logs, net.d, cni-cache), and `--cni-bin-dir` with `bins`.
+pub fn dir_flags(dir: &Path, bins: &str) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = Vec::new();
+    for (flag, sub) in [
+        ("--run-dir", "run"),
+        ("--log-dir", "logs"),
+        ("--cni-conf-dir", "net.d"),
+        ("--cni-cache-dir", "cni-cache"),
+    ] {
+        v.push(flag.into());
+        v.push(dir.join(sub).into());
+    }
+    v.push("--cni-bin-dir".into());
+    v.push(bins.into());
+    v
+}
+
+/// The directory of the oxlet binaries under test.
+pub fn bin_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_oxlet"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf()
+}
+
 /// `oxlet uninstall` of what a test's `oxlet up` or `oxlet agent` made below `dir`, laid out as
 /// the tests lay it out (data, run, logs, net.d, cni-bin, cni-cache, admin.kubeconfig).
 pub fn uninstall(dir: &Path, extra: &[&str]) -> Output {
-    let bins = Path::new(env!("CARGO_BIN_EXE_oxlet"))
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
+    let bins = format!(
+        "{},{},/usr/lib/cni",
+        dir.join("cni-bin").display(),
+        bin_dir().display()
+    );
     Command::new(env!("CARGO_BIN_EXE_oxlet"))
         .arg("--data-dir")
         .arg(dir.join("data"))
         .args(["uninstall", "--kubeconfig"])
         .arg(dir.join("admin.kubeconfig"))
-        .arg("--run-dir")
-        .arg(dir.join("run"))
-        .arg("--log-dir")
-        .arg(dir.join("logs"))
-        .arg("--cni-conf-dir")
-        .arg(dir.join("net.d"))
-        .arg("--cni-bin-dir")
-        .arg(format!(
-            "{},{},/usr/lib/cni",
-            dir.join("cni-bin").display(),
-            bins.display()
-        ))
-        .arg("--cni-cache-dir")
-        .arg(dir.join("cni-cache"))
+        .args(dir_flags(dir, &bins))
         .args(extra)
         .output()
         .expect("oxlet uninstall runs")
@@ -157,16 +171,10 @@ impl Cluster {
             .arg(d.join("data"))
             .args(["up", "--port", &self.port.to_string(), "--kubeconfig"])
             .arg(d.join("admin.kubeconfig"))
-            .arg("--run-dir")
-            .arg(d.join("run"))
-            .arg("--log-dir")
-            .arg(d.join("logs"))
-            .arg("--cni-conf-dir")
-            .arg(d.join("net.d"))
-            .arg("--cni-bin-dir")
-            .arg(format!("{},/usr/lib/cni", d.join("cni-bin").display()))
-            .arg("--cni-cache-dir")
-            .arg(d.join("cni-cache"))
+            .args(dir_flags(
+                d,
+                &format!("{},/usr/lib/cni", d.join("cni-bin").display()),
+            ))
             .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
