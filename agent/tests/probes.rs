@@ -233,8 +233,10 @@ async fn startup_probe_holds_liveness_back_and_a_failed_one_kills() -> Result<()
                 "name": "app",
                 "image": busybox(),
                 "command": ["sh", "-c", "sleep 4; touch /tmp/up; sleep 600"],
-                "startupProbe": {"exec": {"command": ["cat", "/tmp/up"]}, "periodSeconds": 1, "failureThreshold": 30},
-                "livenessProbe": {"exec": {"command": ["cat", "/tmp/up"]}, "periodSeconds": 1, "failureThreshold": 1},
+                // The probes name the file through `$(UP)`, expanded from the static env.
+                "env": [{"name": "UP", "value": "/tmp/up"}],
+                "startupProbe": {"exec": {"command": ["cat", "$(UP)"]}, "periodSeconds": 1, "failureThreshold": 30},
+                "livenessProbe": {"exec": {"command": ["cat", "$(UP)"]}, "periodSeconds": 1, "failureThreshold": 1},
             }]
         }
     }))
