@@ -103,14 +103,15 @@ impl Objects {
         Ok(all)
     }
 
-    /// A token of the pod's service account bound to the pod: `(token, expiration as unix
-    /// seconds)`.
+    /// A token of the pod's service account bound to the pod: `(token, issued, expires)` in
+    /// unix seconds; issued is reckoned from the validity the server granted, which may be
+    /// shorter than asked.
     pub async fn token(
         &self,
         pod: &Pod,
         audience: Option<&str>,
         expiration_seconds: i64,
-    ) -> Result<(String, i64), ConfigError> {
+    ) -> Result<(String, i64, i64), ConfigError> {
         let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
         let sa = pod
             .spec
@@ -139,6 +140,8 @@ impl Objects {
         let status = out
             .status
             .ok_or_else(|| ConfigError::Token("no status in the TokenRequest answer".into()))?;
-        Ok((status.token, status.expiration_timestamp.0.as_second()))
+        let expires = status.expiration_timestamp.0.as_second();
+        let granted = out.spec.expiration_seconds.unwrap_or(expiration_seconds);
+        Ok((status.token, expires - granted, expires))
     }
 }

@@ -552,3 +552,91 @@ async fn mount_propagation_bidirectional_host_to_container_and_none() -> Result<
     assert!(mounts_below(&dir).is_empty(), "{:?}", mounts_below(&dir));
     Ok(())
 }
+
+/// The distinct `<prefix>` values of the log's lines, in order of first appearance.
+fn distinct(log: &str, prefix: &str) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for v in log.lines().filter_map(|l| l.strip_prefix(prefix)) {
+        if !v.is_empty() && !seen.iter().any(|s| s == v) {
+            seen.push(v.to_string());
+        }
+    }
+    seen
+}
+
+fn jwt_claims(token: &str) -> Result<serde_json::Value> {
+    let claims = token.split('.').nth(1).context("JWT")?;
+    Ok(serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(claims)?,
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_tokens_are_rotated_in_the_running_container_before_they_expire(
+) -> Result<()> {
+    // Tokens live 20 s here, so 80% of their life passes in 16 s.
+    let mut c = Cluster::with_server(|s| {
+        s.service_account_max_token_expiration = Some(Duration::from_secs(20))
+    })
+    .await?;
+    c.start_agent().await?;
+    c.create_pod(json!({
+        "metadata": {"name": "rotated"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "reader",
+                "image": busybox(),
+                "command": ["sh", "-c", "while true; do echo sa=$(cat /var/run/secrets/kubernetes.io/serviceaccount/token); echo vault=$(cat /tokens/vault); sleep 1; done"],
+                "volumeMounts": [{"name": "vault", "mountPath": "/tokens"}],
+            }],
+            "volumes": [{"name": "vault", "projected": {"sources": [{"serviceAccountToken": {
+                "path": "vault", "audience": "vault", "expirationSeconds": 600}}]}}],
+        }
+    }))
+    .await?;
+    c.wait_pod("rotated", Duration::from_secs(60), "Running", running)
+        .await?;
+    // Two tokens of each kind seen by the same container: the first was replaced in place.
+    let log = c
+        .wait_log("rotated", "reader", Duration::from_secs(45), |l| {
+            distinct(l, "sa=").len() >= 2 && distinct(l, "vault=").len() >= 2
+        })
+        .await?;
+    let port = c.server.as_ref().unwrap().addr.port();
+    let status = |token: &str| {
+        sh(&format!(
+            "curl -sk -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {token}' https://127.0.0.1:{port}/api"
+        ))
+    };
+    for prefix in ["sa=", "vault="] {
+        let tokens = distinct(&log, prefix);
+        let (first, second) = (jwt_claims(&tokens[0])?, jwt_claims(&tokens[1])?);
+        // The server granted 20 s of the 3607 or 600 asked for, and the agent renewed the
+        // token after 80% of that, before it expired.
+        for claims in [&first, &second] {
+            assert_eq!(
+                claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+                20,
+                "{claims}"
+            );
+        }
+        let renewed_after = second["iat"].as_i64().unwrap() - first["iat"].as_i64().unwrap();
+        assert!((15..20).contains(&renewed_after), "{first} then {second}");
+        if prefix == "vault=" {
+            assert_eq!(second["aud"], json!(["vault"]));
+        }
+    }
+    // The token in the file now is accepted; the first one expired and is refused.
+    let first = distinct(&log, "sa=")[0].clone();
+    let exp = jwt_claims(&first)?["exp"].as_i64().unwrap();
+    let wait = exp + 1 - chrono::Utc::now().timestamp();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+    }
+    let log = c.log("rotated", "reader").await?;
+    let current = distinct(&log, "sa=").pop().context("a token")?;
+    assert_eq!(status(&current), "200", "the current token is accepted");
+    assert_eq!(status(&first), "401", "the first token expired");
+    Ok(())
+}

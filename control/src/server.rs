@@ -36,6 +36,9 @@ pub struct Config {
     /// Audiences a service account token must name to be accepted (`--api-audiences`; the
     /// issuer when empty).
     pub api_audiences: Vec<String>,
+    /// The longest validity of an issued service account token
+    /// (`--service-account-max-token-expiration`; none: as asked).
+    pub service_account_max_token_expiration: Option<Duration>,
     /// How long the revision log keeps history: a watch may resume from any revision written
     /// within it (5 minutes, as kube-apiserver's etcd compaction).
     pub keep_revisions_for: Duration,
@@ -52,6 +55,7 @@ impl Config {
             controllers: true,
             controller_cfg: crate::controllers::Config::default(),
             api_audiences: Vec::new(),
+            service_account_max_token_expiration: None,
             keep_revisions_for: Duration::from_secs(300),
             compact_every: Duration::from_secs(60),
         }
@@ -186,10 +190,13 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
         reg: reg.clone(),
         server_url,
         kubelet_tls: certs::kubelet_client_config(&pki)?,
-        signer: Arc::new(crate::tokens::Signer::load_or_create(
-            &pki.dir,
-            cfg.api_audiences.clone(),
-        )?),
+        signer: Arc::new(
+            crate::tokens::Signer::load_or_create(&pki.dir, cfg.api_audiences.clone())?
+                .with_max_expiration(
+                    cfg.service_account_max_token_expiration
+                        .map(|d| d.as_secs() as i64),
+                ),
+        ),
         rbac,
     });
     info!(%addr, kubeconfig = %cfg.kubeconfig.display(), "API server listening");

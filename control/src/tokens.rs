@@ -32,6 +32,8 @@ pub struct Signer {
     kid: String,
     /// What a token's `aud` must include to be a credential for this server.
     audiences: Vec<String>,
+    /// The longest validity issued; a longer request gets this much.
+    max_expiration: Option<i64>,
 }
 
 impl Signer {
@@ -71,7 +73,16 @@ impl Signer {
             decoding: DecodingKey::from_ec_der(&public),
             kid,
             audiences,
+            max_expiration: None,
         })
+    }
+
+    /// Caps the validity of issued tokens at `seconds`, as kube-apiserver's
+    /// `--service-account-max-token-expiration` does (which accepts no less than an hour; any
+    /// positive value is taken here, so that rotation can be watched in seconds).
+    pub fn with_max_expiration(mut self, seconds: Option<i64>) -> Self {
+        self.max_expiration = seconds.filter(|s| *s > 0);
+        self
     }
 
     /// The audiences tokens are issued for when a TokenRequest names none.
@@ -123,6 +134,8 @@ pub fn request(
             )],
         ));
     }
+    // Validated as asked, then capped; the answer's spec says what was issued.
+    let exp_s = signer.max_expiration.map_or(exp_s, |max| exp_s.min(max));
     let audiences: Vec<Value> = match spec["audiences"].as_array() {
         Some(a) if !a.is_empty() => a.clone(),
         _ => signer.audiences().iter().map(|a| json!(a)).collect(),

@@ -60,6 +60,10 @@ pub struct UpArgs {
     /// comma-separated (default: the issuer, https://kubernetes.default.svc.cluster.local).
     #[arg(long, value_delimiter = ',')]
     api_audiences: Vec<String>,
+    /// The longest validity of a service account token the API server issues (e.g. 1h); a
+    /// longer request gets this much. Unlike kube-apiserver, values under an hour are taken.
+    #[arg(long, value_parser = parse_duration)]
+    service_account_max_token_expiration: Option<Duration>,
     /// A YAML or TOML file whose keys are these flags' long names (`cluster-cidr: ...`,
     /// `no-dns: true`); flags on the command line win over it.
     #[arg(long, value_name = "FILE")]
@@ -144,6 +148,7 @@ pub fn run(data_dir: &Path, args: UpArgs) -> Result<()> {
         cfg.controller_cfg.node_cidr_mask = args.node_cidr_mask_size;
         cfg.controller_cfg.node_monitor_grace_period = args.node_monitor_grace_period;
         cfg.api_audiences = args.api_audiences.clone();
+        cfg.service_account_max_token_expiration = args.service_account_max_token_expiration;
         let node = match args.node_name {
             Some(n) => n,
             None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),

@@ -56,8 +56,8 @@ impl Tokens {
         }
         let aud = (!audience.is_empty()).then_some(audience);
         match objects.token(pod, aud, expiration).await {
-            Ok((token, expires)) => {
-                let issued = (expires - expiration).min(t);
+            Ok((token, issued, expires)) => {
+                let issued = issued.min(t);
                 self.cache.insert(
                     key,
                     Cached {

@@ -121,11 +121,25 @@ impl Cluster {
     /// Like `new`, with the bridge plugin of type `plugin` (`bridge` is the reference one from
     /// /usr/lib/cni) speaking CNI `version`.
     pub async fn with_plugin(plugin: &str, version: &str) -> Result<Cluster> {
+        Self::build(plugin, version, |_| {}).await
+    }
+
+    /// Like `new`, with the API server's configuration changed by `server`.
+    pub async fn with_server(server: impl FnOnce(&mut control::Config)) -> Result<Cluster> {
+        Self::build("oxlet-bridge", "1.1.0", server).await
+    }
+
+    async fn build(
+        plugin: &str,
+        version: &str,
+        server: impl FnOnce(&mut control::Config),
+    ) -> Result<Cluster> {
         let x = claim();
         let dir = tempfile::Builder::new().prefix("oxlet-agent-").tempdir()?;
         let mut scfg = control::Config::new(dir.path().join("control"));
         scfg.listen = "127.0.0.1:0".parse()?;
         scfg.kubeconfig = dir.path().join("admin.kubeconfig");
+        server(&mut scfg);
         let server = control::start(scfg).await?;
         let admin = client_for(&server.kubeconfig).await?;
         let node = format!("node-{x}");
