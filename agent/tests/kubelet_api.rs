@@ -528,3 +528,67 @@ async fn kubelet_port_refuses_anonymous_and_serves_pods_stats_and_metrics() -> R
     assert_eq!(code, "404");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_run_i_feeds_stdin_and_run_it_a_terminal() -> Result<()> {
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    let image = format!("--image={}", busybox());
+    for ver in ["1.27", "1.33"] {
+        // stdinOnce: what kubectl sends ends with EOF, after which the shell's loop ends.
+        let name = format!("stdin-{}", ver.replace('.', "-"));
+        let out = kubectl(
+            &c,
+            ver,
+            &[
+                "run",
+                "-i",
+                "--rm",
+                "--restart=Never",
+                &name,
+                &image,
+                "--",
+                "sh",
+                "-c",
+                "while read x; do echo got-$x; done; echo eof",
+            ],
+            Some(b"one\ntwo\n".to_vec()),
+        )
+        .await?;
+        assert_eq!(out.code, 0, "{ver}: {}{}", out.stdout, out.stderr);
+        assert!(
+            out.stdout.contains("got-one\ngot-two\neof\n"),
+            "{ver}: {}{}",
+            out.stdout,
+            out.stderr
+        );
+        c.wait_gone(&name, Duration::from_secs(30)).await?;
+
+        // -it: a terminal in the container, typed into through kubectl's own terminal.
+        let name = format!("tty-{}", ver.replace('.', "-"));
+        let cmd = format!(
+            "{} --kubeconfig {} run -it --rm --restart=Never {name} {image} -- sh -c 'read x; tty; echo got-$x; exit 3'",
+            kubectl_bin(ver),
+            c.kubeconfig().display()
+        );
+        let mut child = tokio::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        // Kept open until kubectl ends: EOF here would end script's session first.
+        let mut input = child.stdin.take().context("stdin")?;
+        input.write_all(b"hello\n").await?;
+        let out = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+            .await
+            .with_context(|| format!("{ver}: kubectl run -it timed out"))??;
+        drop(input);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("/dev/pts/0"), "{ver}: {text}");
+        assert!(text.contains("got-hello"), "{ver}: {text}");
+        c.wait_gone(&name, Duration::from_secs(30)).await?;
+    }
+    both_transports_used(&c, "attach").await
+}

@@ -14,7 +14,8 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -144,9 +145,58 @@ pub struct LogOptions {
     pub max_files: usize,
 }
 
+/// The container process's standard input, as the pod spec's `stdin`, `stdinOnce` and `tty`
+/// ask for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessIo {
+    /// Kept open by the shim (the process waits for input) and handed to attachers.
+    pub stdin: bool,
+    /// Closed after the first attach session that had it ends.
+    pub stdin_once: bool,
+    /// A terminal (the config.json's `process.terminal`) whose master the shim holds.
+    pub tty: bool,
+}
+
+/// The socket in a bundle where the shim hands out the container's stdin (see `attach_stdin`).
+pub const ATTACH_SOCKET: &str = "attach.sock";
+
+/// `dir/name` in a form short enough for a unix socket address (108 bytes), through the
+/// caller's descriptor `dir_fd` of `dir`.
+pub fn short_socket_path(dir_fd: &std::fs::File, name: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}/{name}", dir_fd.as_raw_fd()))
+}
+
+/// The container's stdin (a pipe's write end, or a terminal's master) from its shim, with the
+/// connection whose close ends this attach session; `None` when the container has no stdin or
+/// no longer runs.
+pub fn attach_stdin(paths: &Paths, id: &str) -> Result<Option<(UnixStream, OwnedFd)>> {
+    valid_id(id)?;
+    let dir = match std::fs::File::open(paths.dir(id)) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(id, "bundle")(e)),
+    };
+    let conn = match UnixStream::connect(short_socket_path(&dir, ATTACH_SOCKET)) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(io_err(id, "attach socket")(e)),
+    };
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io_err(id, "attach socket"))?;
+    let fd = crate::shim::recv_fd(&conn).map_err(io_err(id, "stdin from the shim"))?;
+    Ok(Some((conn, fd)))
+}
+
 /// Creates the container from the bundle at `paths.dir(id)` (its `config.json` written by the
 /// caller) through a detached shim. Returns once the container's init waits to be started.
-pub fn create(paths: &Paths, id: &str, log: &LogOptions) -> Result<()> {
+pub fn create(paths: &Paths, id: &str, log: &LogOptions, io: ProcessIo) -> Result<()> {
     valid_id(id)?;
     if paths.state_root.join(id).exists() {
         return Err(Error::AlreadyExists(id.to_string()));
@@ -170,6 +220,14 @@ pub fn create(paths: &Paths, id: &str, log: &LogOptions) -> Result<()> {
         .arg(log.max_size.to_string())
         .arg("--log-max-files")
         .arg(log.max_files.to_string())
+        .args(io.stdin.then_some(["--stdin", "1"]).into_iter().flatten())
+        .args(
+            io.stdin_once
+                .then_some(["--stdin-once", "1"])
+                .into_iter()
+                .flatten(),
+        )
+        .args(io.tty.then_some(["--tty", "1"]).into_iter().flatten())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(shim_log)

@@ -6,6 +6,8 @@ use crate::image::{self, Image};
 use crate::sandbox::{self, Sandbox, SandboxConfig};
 use crate::spec::{self, Mount, SpecInput};
 use k8s_openapi::api::core::v1::{Container, PodSecurityContext};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -159,7 +161,12 @@ impl Runtime {
             max_size: self.cfg.log_max_size,
             max_files: self.cfg.log_max_files,
         };
-        container::create(&self.paths, req.id, &log)?;
+        let io = container::ProcessIo {
+            stdin: req.container.stdin.unwrap_or(false),
+            stdin_once: req.container.stdin_once.unwrap_or(false),
+            tty: req.container.tty.unwrap_or(false),
+        };
+        container::create(&self.paths, req.id, &log, io)?;
         Ok(())
     }
 
@@ -188,6 +195,12 @@ impl Runtime {
             State::Running { .. } => Ok(container::exec_command(&self.paths, id, args, None)),
             _ => Err(container::Error::NotRunning(id.to_string()).into()),
         }
+    }
+
+    /// The stdin of running container `id` from its shim, and the connection whose close ends
+    /// the session (see `container::attach_stdin`); `None` without stdin.
+    pub fn attach_stdin(&self, id: &str) -> Result<Option<(UnixStream, OwnedFd)>> {
+        Ok(container::attach_stdin(&self.paths, id)?)
     }
 
     /// Like `exec_command` on a terminal: the pty master arrives on the unix socket at

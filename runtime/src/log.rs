@@ -88,11 +88,13 @@ impl CriLog {
     }
 }
 
-/// Copies a container's output stream into the log until EOF, one record per line.
+/// Copies a container's output stream into the log until EOF, one record per line; with
+/// `eager`, output read without its newline is written at once as a partial record.
 pub fn copy_stream(
     mut reader: impl Read,
     stream: Stream,
     log: Arc<Mutex<CriLog>>,
+    eager: bool,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending: Vec<u8> = Vec::new();
@@ -111,6 +113,12 @@ pub fn copy_stream(
             start += pos + 1;
         }
         pending.drain(..start);
+        if eager && !pending.is_empty() {
+            for c in pending.chunks(MAX_LINE) {
+                lock(&log).write_record(stream, true, c)?;
+            }
+            pending.clear();
+        }
         while pending.len() >= MAX_LINE {
             let rest = pending.split_off(MAX_LINE);
             lock(&log).write_record(stream, true, &pending)?;
@@ -197,7 +205,7 @@ mod tests {
         let mut input = b"hello\n\nworld\n".to_vec();
         input.extend_from_slice(&vec![b'x'; MAX_LINE + 10]);
         input.extend_from_slice(b"\ntail");
-        copy_stream(&input[..], Stream::Stderr, log).unwrap();
+        copy_stream(&input[..], Stream::Stderr, log, false).unwrap();
         let raw = std::fs::read(&path).unwrap();
         let recs: Vec<Record> = raw
             .split(|&b| b == b'\n')
@@ -222,12 +230,37 @@ mod tests {
     }
 
     #[test]
+    fn eager_copies_write_a_prompt_before_its_line_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let log = Arc::new(Mutex::new(CriLog::open(&path, 1 << 20, 1).unwrap()));
+        // Two reads, as a terminal gives them: a prompt, then the rest of its line.
+        let input = std::io::Read::chain(&b"/ # "[..], &b"ls\r\nbin\n"[..]);
+        copy_stream(input, Stream::Stdout, log, true).unwrap();
+        let raw = std::fs::read(&path).unwrap();
+        let recs: Vec<(Vec<u8>, bool)> = raw
+            .split(|&b| b == b'\n')
+            .filter_map(parse_record)
+            .map(|r| (r.message, r.partial))
+            .collect();
+        assert_eq!(
+            recs,
+            [
+                (b"/ # ".to_vec(), true),
+                (b"ls\r".to_vec(), false),
+                (b"bin".to_vec(), false)
+            ]
+        );
+        assert_eq!(read_text(&path).unwrap(), "/ # ls\r\nbin\n");
+    }
+
+    #[test]
     fn rotation_keeps_max_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("0.log");
         let log = Arc::new(Mutex::new(CriLog::open(&path, 1024, 3).unwrap()));
         let input: String = (0..200).map(|i| format!("line {i}\n")).collect();
-        copy_stream(input.as_bytes(), Stream::Stdout, log).unwrap();
+        copy_stream(input.as_bytes(), Stream::Stdout, log, false).unwrap();
         assert!(path.with_extension("log.1").exists());
         assert!(path.with_extension("log.2").exists());
         assert!(!path.with_extension("log.3").exists());

@@ -158,14 +158,50 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
     let log = CriLog::open(&log_path, max_size, max_files)
         .map_err(|e| format!("log {}: {e}", log_path.display()))?;
     let log = Arc::new(Mutex::new(log));
-    let (out_r, out_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
-    let (err_r, err_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let on = |k: &str| f.get(k).is_some_and(|v| v == "1");
+    let (stdin, stdin_once, tty) = (on("stdin"), on("stdin-once"), on("tty"));
+    let bundle_fd =
+        std::fs::File::open(&bundle).map_err(|e| format!("bundle {}: {e}", bundle.display()))?;
+    // On a terminal the process's stdio is the terminal, whose master libcontainer sends over
+    // this socket; otherwise pipes.
+    let console = if tty {
+        let path = short_socket_path(&bundle_fd, CONSOLE_SOCKET);
+        let _ = std::fs::remove_file(&path);
+        Some(UnixListener::bind(&path).map_err(|e| format!("console socket: {e}"))?)
+    } else {
+        None
+    };
+    let pipe = || nix::unistd::pipe().map_err(|e| format!("pipe: {e}"));
+    let mut outputs = Vec::new();
+    let mut pipes = None;
+    let mut stdin_w = None;
+    if console.is_none() {
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        outputs = vec![(out_r, Stream::Stdout), (err_r, Stream::Stderr)];
+        let stdin_r = if stdin {
+            let (r, w) = pipe()?;
+            stdin_w = Some(w);
+            Some(r)
+        } else {
+            None
+        };
+        pipes = Some((stdin_r, out_w, err_w));
+    }
     let built = ContainerBuilder::new(id.clone(), SyscallType::default())
         .with_root_path(&root)
         .and_then(|b| {
-            b.with_stdout(out_w)
-                .with_stderr(err_w)
-                .as_init(&bundle)
+            let b = match pipes {
+                None => b.with_console_socket(Some(bundle.join(CONSOLE_SOCKET))),
+                Some((stdin_r, out_w, err_w)) => {
+                    let b = b.with_stdout(out_w).with_stderr(err_w);
+                    match stdin_r {
+                        Some(r) => b.with_stdin(r),
+                        None => b,
+                    }
+                }
+            };
+            b.as_init(&bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .build()
@@ -183,14 +219,34 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
     };
     let pid = container.pid().ok_or("container has no pid")?;
     let cgroup = crate::container::cgroups_path(&bundle);
-    let copiers: Vec<_> = [(out_r, Stream::Stdout), (err_r, Stream::Stderr)]
+    let mut eager = false;
+    if let Some(console) = console {
+        let _ = std::fs::remove_file(short_socket_path(&bundle_fd, CONSOLE_SOCKET));
+        let master = receive_master(&console)?;
+        if stdin {
+            let dup = master
+                .try_clone()
+                .map_err(|e| format!("terminal master: {e}"))?;
+            // A terminal's input is never closed: that would hang up its output too.
+            serve_stdin(&bundle_fd, dup, false)?;
+        }
+        outputs = vec![(master, Stream::Stdout)];
+        // A prompt without a newline must reach attached terminals at once.
+        eager = true;
+    } else if let Some(w) = stdin_w {
+        serve_stdin(&bundle_fd, w, stdin_once)?;
+    }
+    let copiers: Vec<_> = outputs
         .into_iter()
         .map(|(fd, stream)| {
             let log = log.clone();
             std::thread::spawn(move || {
                 let file = std::fs::File::from(fd);
-                if let Err(e) = copy_stream(file, stream, log) {
-                    tracing::warn!(error = %e, "log copy");
+                match copy_stream(file, stream, log, eager) {
+                    // A terminal's master reads EIO once no process holds the terminal.
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
+                    Err(e) => tracing::warn!(error = %e, "log copy"),
+                    Ok(()) => {}
                 }
             })
         })
@@ -219,6 +275,96 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
         .and_then(|_| std::fs::rename(&tmp, bundle.join("exit.json")))
         .map_err(|e| format!("exit record: {e}"))?;
     Ok(())
+}
+
+const CONSOLE_SOCKET: &str = "console.sock";
+
+use crate::container::{short_socket_path, ATTACH_SOCKET};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+/// The terminal master libcontainer sent over the console socket while it built the container.
+fn receive_master(console: &UnixListener) -> Result<OwnedFd, String> {
+    console
+        .set_nonblocking(true)
+        .map_err(|e| format!("console socket: {e}"))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let conn = loop {
+        match console.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err("no terminal from the container".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("console socket: {e}")),
+        }
+    };
+    conn.set_nonblocking(false)
+        .and_then(|_| conn.set_read_timeout(Some(Duration::from_secs(10))))
+        .map_err(|e| format!("console socket: {e}"))?;
+    recv_fd(&conn).map_err(|e| format!("terminal master: {e}"))
+}
+
+/// Hands `fd` (the container's stdin) to each client of the bundle's attach socket, one at a
+/// time; with `once`, closes it after the first client is done, so the process reads EOF.
+fn serve_stdin(bundle_fd: &std::fs::File, fd: OwnedFd, once: bool) -> Result<(), String> {
+    let path = short_socket_path(bundle_fd, ATTACH_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| format!("attach socket: {e}"))?;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            if send_fd(&conn, &fd).is_err() {
+                continue;
+            }
+            // The client closes the connection when its session ends.
+            let mut b = [0u8; 64];
+            while matches!(std::io::Read::read(&mut conn, &mut b), Ok(n) if n > 0) {}
+            if once {
+                break;
+            }
+        }
+        drop(fd);
+    });
+    Ok(())
+}
+
+fn send_fd(sock: &UnixStream, fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let fds = [fd.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(b"fd")];
+    sendmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &iov,
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )?;
+    Ok(())
+}
+
+/// Receives one descriptor sent with SCM_RIGHTS over `sock` (blocking, within its timeout).
+pub fn recv_fd(sock: &UnixStream) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!(std::os::fd::RawFd);
+    let msg = recvmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Err(std::io::Error::other("no descriptor received"))
 }
 
 /// The container's own process (user, env, cwd, capabilities) running `cmd` on a terminal,

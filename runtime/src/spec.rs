@@ -579,7 +579,7 @@ pub fn generate(input: &SpecInput) -> Result<Spec> {
     let res = ContainerResources::from_container(c)?;
 
     let mut process = json!({
-        "terminal": false,
+        "terminal": c.tty.unwrap_or(false),
         "user": {"uid": uid, "gid": gid, "additionalGids": additional},
         "args": args,
         "env": environment(input),

@@ -345,7 +345,13 @@ fn failed_create_leaves_nothing() {
         "destination": "/missing", "type": "bind", "source": "/nonexistent/oxlet", "options": ["rbind"]})).unwrap());
     spec.set_mounts(Some(mounts));
     spec.save(env.paths.dir(&b.id).join("config.json")).unwrap();
-    let err = container::create(&env.paths, &b.id, &env.log_options(&b.id)).unwrap_err();
+    let err = container::create(
+        &env.paths,
+        &b.id,
+        &env.log_options(&b.id),
+        Default::default(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("shim"), "{err}");
     assert!(
         !env.paths.state_root.join(&b.id).exists(),

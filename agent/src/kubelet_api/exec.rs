@@ -452,30 +452,9 @@ fn exit_code(st: std::process::ExitStatus) -> i32 {
 
 /// Receives the pty master libcontainer sends over the console socket (blocking).
 fn recv_master(sock: std::os::unix::net::UnixStream) -> std::io::Result<OwnedFd> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
-    use std::os::fd::FromRawFd;
     sock.set_nonblocking(false)?;
     sock.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut buf = [0u8; 256];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!(std::os::fd::RawFd);
-    let msg = recvmsg::<UnixAddr>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            if let Some(&fd) = fds.first() {
-                // SAFETY: the kernel just installed this descriptor for us; nothing else owns it.
-                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    Err(std::io::Error::other(
-        "no terminal received on the console socket",
-    ))
+    runtime::shim::recv_fd(&sock)
 }
 
 /// Runs the command on a terminal made inside the container: its master comes back over a
@@ -621,8 +600,9 @@ fn set_size(master: &OwnedFd, cols: u16, rows: u16) {
     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
-/// Attach: the container's output as it writes it (from its log) until it exits; stdin is
-/// taken and dropped, since the container's stdin is not kept open by the runtime.
+/// Attach: the container's output as it writes it (from its log) until it exits; the
+/// client's stdin goes to the container's when the container has one (`stdin: true`), else
+/// it is dropped, as kubelet does.
 async fn run_attach(
     ctx: &crate::pod_runtime::PodRuntime,
     id: &str,
@@ -630,8 +610,21 @@ async fn run_attach(
     tty: bool,
     s: Session,
 ) -> Outcome {
-    if let Some(mut rx) = s.stdin {
-        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    if let Some(rx) = s.stdin {
+        let (rt, cid) = (ctx.rt.clone(), id.to_string());
+        let stdin = tokio::task::spawn_blocking(move || rt.attach_stdin(&cid)).await;
+        match stdin {
+            Ok(Ok(Some((conn, fd)))) => {
+                tokio::spawn(feed_stdin(rx, conn, fd, s.resize));
+            }
+            other => {
+                if let Ok(Err(e)) = other {
+                    tracing::warn!(container = id, error = %e, "attach: container stdin");
+                }
+                let mut rx = rx;
+                tokio::spawn(async move { while rx.recv().await.is_some() {} });
+            }
+        }
     }
     let (tx, mut rx) = mpsc::channel::<(runtime::log::Stream, Bytes)>(16);
     let rt = ctx.rt.clone();
@@ -668,4 +661,35 @@ async fn run_attach(
         o.close().await;
     }
     Outcome::Exited(0)
+}
+
+/// Writes what the client types to the container's stdin (and, on a terminal, applies its
+/// window sizes) until the client closes its stdin; then closes the session's connection, so
+/// the shim closes a `stdinOnce` stdin.
+async fn feed_stdin(
+    mut rx: mpsc::Receiver<Bytes>,
+    conn: std::os::unix::net::UnixStream,
+    fd: OwnedFd,
+    resize: Option<mpsc::Receiver<(u16, u16)>>,
+) {
+    let resizer = match (resize, fd.try_clone()) {
+        (Some(mut sizes), Ok(master)) => Some(tokio::spawn(async move {
+            while let Some((cols, rows)) = sizes.recv().await {
+                set_size(&master, cols, rows);
+            }
+        })),
+        _ => None,
+    };
+    let mut w = tokio::fs::File::from_std(std::fs::File::from(fd));
+    while let Some(b) = rx.recv().await {
+        if w.write_all(&b).await.is_err() {
+            break;
+        }
+    }
+    let _ = w.flush().await;
+    if let Some(r) = resizer {
+        r.abort();
+    }
+    drop(w);
+    drop(conn);
 }

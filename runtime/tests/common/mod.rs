@@ -113,7 +113,13 @@ impl<'a> Bundle<'a> {
     }
 
     pub fn create(&self) {
-        container::create(&self.env.paths, &self.id, &self.env.log_options(&self.id)).unwrap();
+        container::create(
+            &self.env.paths,
+            &self.id,
+            &self.env.log_options(&self.id),
+            Default::default(),
+        )
+        .unwrap();
     }
 
     pub fn log(&self) -> PathBuf {
