@@ -1,6 +1,6 @@
 //! Events about pods as kubelet records them (core/v1 Events from component `kubelet`):
-//! Pulling, Pulled, Created, Started, Killing, BackOff, Failed. Best effort: a failed write is
-//! logged, never retried.
+//! Pulling, Pulled, Created, Started, Killing, BackOff, Failed. Best effort: each is written by a
+//! task of its own; a failed write is logged, never retried.
 
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -30,7 +30,7 @@ impl Recorder {
     }
 
     /// Records one event about `pod` (about one of its containers with `field_path`).
-    pub async fn pod(
+    pub fn pod(
         &self,
         pod: &Pod,
         field_path: Option<String>,
@@ -77,9 +77,14 @@ impl Recorder {
             related: None,
             series: None,
         };
+        // Written in the background, as kubelet's recorder does: a pod's start never waits
+        // for its events.
         let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
-        if let Err(e) = api.create(&PostParams::default(), &event).await {
-            tracing::debug!(error = %e, reason, "record event");
-        }
+        let reason = reason.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = api.create(&PostParams::default(), &event).await {
+                tracing::debug!(error = %e, reason, "record event");
+            }
+        });
     }
 }

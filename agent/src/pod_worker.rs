@@ -246,15 +246,13 @@ impl Worker {
             if let (Some(hook), Some(c)) = (hook, &c) {
                 if let Err(msg) = crate::lifecycle::run(&hook, &target, &pod, Some(grace)).await {
                     let path = Some(events::field_path(false, &c.name));
-                    events
-                        .pod(
-                            &pod,
-                            path,
-                            events::WARNING,
-                            "FailedPreStopHook",
-                            msg.to_string(),
-                        )
-                        .await;
+                    events.pod(
+                        &pod,
+                        path,
+                        events::WARNING,
+                        "FailedPreStopHook",
+                        msg.to_string(),
+                    );
                 }
                 remaining = grace
                     .saturating_sub(began.elapsed())
@@ -276,8 +274,7 @@ impl Worker {
     /// Kills a running attempt of app container `c` with a Killing event saying why.
     async fn kill(&mut self, c: &Container, id: &str, message: String, grace: Duration) {
         self.probes.forget(&c.name);
-        self.event(Some((false, &c.name)), events::NORMAL, "Killing", message)
-            .await;
+        self.event(Some((false, &c.name)), events::NORMAL, "Killing", message);
         let snap = match self.snapshot().await {
             Ok(s) => s,
             Err(e) => {
@@ -327,8 +324,7 @@ impl Worker {
 
     /// kubelet's admission rejection: the pod fails without running (Failed, `reason`).
     async fn reject(&mut self, reason: &str, message: String) {
-        self.event(None, events::WARNING, reason, message.clone())
-            .await;
+        self.event(None, events::WARNING, reason, message.clone());
         let status = PodStatus {
             phase: Some("Failed".into()),
             reason: Some(reason.into()),
@@ -413,7 +409,9 @@ impl Worker {
             return Ok(());
         }
         // As kubelet: no sandbox and no container before every volume is set up.
+        let began = Instant::now();
         let failures = self.volumes.sync(&self.pod).await;
+        let volumes_done = began.elapsed();
         self.mount_failed(failures).await;
         if !self.volumes.all_ready(&self.pod) {
             let snap = self.snapshot().await?;
@@ -426,8 +424,7 @@ impl Worker {
             if let Err(e) = blocking(move || ctx.ensure_pod(&pod)).await? {
                 let msg = format!("Failed to create pod sandbox: {e}");
                 if self.sandbox_error.as_ref() != Some(&msg) {
-                    self.event(None, events::WARNING, "FailedCreatePodSandBox", msg.clone())
-                        .await;
+                    self.event(None, events::WARNING, "FailedCreatePodSandBox", msg.clone());
                     self.sandbox_error = Some(msg);
                 }
                 self.report(snap).await;
@@ -436,17 +433,21 @@ impl Worker {
             self.sandbox_error = None;
             snap = self.snapshot().await?;
         }
+        let sandbox_done = began.elapsed();
         let before = self.compute(&snap);
         if status::is_terminal(&before) {
             self.report(snap).await;
             return Ok(());
         }
         self.start_containers(&snap).await?;
+        let containers_done = began.elapsed();
         let mut snap = self.snapshot().await?;
         let host = self.pod_host(&snap);
         self.probes.sync(&self.pod, &snap, host);
         snap.health = self.probes.health();
         self.report(snap).await;
+        // Where a pod's start spends its time, for tracing startup latency.
+        tracing::debug!(pod = %self.uid, ?volumes_done, ?sandbox_done, ?containers_done, reported = ?began.elapsed(), "pod synced");
         Ok(())
     }
 
@@ -499,8 +500,7 @@ impl Worker {
                 .get(&volume)
                 .is_none_or(|(m, at)| *m != msg || at.elapsed() >= MOUNT_EVENT_REPEAT);
             if repeat {
-                self.event(None, events::WARNING, "FailedMount", msg.clone())
-                    .await;
+                self.event(None, events::WARNING, "FailedMount", msg.clone());
                 self.mount_events.insert(volume, (msg, Instant::now()));
             }
         }
@@ -538,9 +538,9 @@ impl Worker {
         Ok((expanded, env.into_vec(), mounts))
     }
 
-    async fn event(&self, init: Option<(bool, &str)>, type_: &str, reason: &str, msg: String) {
+    fn event(&self, init: Option<(bool, &str)>, type_: &str, reason: &str, msg: String) {
         let path = init.map(|(i, name)| events::field_path(i, name));
-        self.events.pod(&self.pod, path, type_, reason, msg).await;
+        self.events.pod(&self.pod, path, type_, reason, msg);
     }
 
     /// Records a waiting reason; a Warning event `Error: <reason>` when it is new.
@@ -553,8 +553,7 @@ impl Worker {
                 "CreateContainerConfigError" | "CreateContainerError" => &message,
                 _ => &reason,
             };
-            self.event(at, events::WARNING, "Failed", format!("Error: {shown}"))
-                .await;
+            self.event(at, events::WARNING, "Failed", format!("Error: {shown}"));
         }
         self.waiting
             .insert(c.name.clone(), Waiting { reason, message });
@@ -581,9 +580,9 @@ impl Worker {
                 tracing::info!(pod = %self.uid, container = %c.name, attempt, "started container");
                 self.waiting.remove(&c.name);
                 let created = format!("Created container: {}", c.name);
-                self.event(at, events::NORMAL, "Created", created).await;
+                self.event(at, events::NORMAL, "Created", created);
                 let started = format!("Started container {}", c.name);
-                self.event(at, events::NORMAL, "Started", started).await;
+                self.event(at, events::NORMAL, "Started", started);
                 self.post_start(c, init, attempt).await?;
             }
             Err((reason, message)) => {
@@ -619,8 +618,7 @@ impl Worker {
         };
         if let Err(msg) = result {
             let at = Some((init, c.name.as_str()));
-            self.event(at, events::WARNING, "FailedPostStartHook", msg.to_string())
-                .await;
+            self.event(at, events::WARNING, "FailedPostStartHook", msg.to_string());
             let grace = self.grace(None);
             self.kill(c, &id, "FailedPostStartHook".into(), grace).await;
         }
@@ -640,7 +638,7 @@ impl Worker {
                     .is_none_or(|w| w.reason != "ImagePullBackOff")
                 {
                     let msg = format!("Back-off pulling image {reference:?}");
-                    self.event(at, events::NORMAL, "BackOff", msg).await;
+                    self.event(at, events::NORMAL, "BackOff", msg);
                 }
                 self.wait_on(init, c, "ImagePullBackOff".into(), message)
                     .await;
@@ -652,7 +650,7 @@ impl Worker {
         let began = Instant::now();
         if pulls {
             let msg = format!("Pulling image {reference:?}");
-            self.event(at, events::NORMAL, "Pulling", msg).await;
+            self.event(at, events::NORMAL, "Pulling", msg);
         }
         let auth = self.pull_auth().await;
         match self.ctx.ensure_image(c, auth).await {
@@ -664,7 +662,7 @@ impl Worker {
                 } else {
                     format!("Container image {reference:?} already present on machine")
                 };
-                self.event(at, events::NORMAL, "Pulled", msg).await;
+                self.event(at, events::NORMAL, "Pulled", msg);
                 Some(img)
             }
             Err(e) => {
@@ -683,7 +681,7 @@ impl Worker {
                         },
                     );
                     let msg = format!("Failed to pull image {reference:?}: {message}");
-                    self.event(at, events::WARNING, "Failed", msg).await;
+                    self.event(at, events::WARNING, "Failed", msg);
                 }
                 self.wait_on(init, c, reason, message).await;
                 None
@@ -715,8 +713,7 @@ impl Worker {
                         events::WARNING,
                         "FailedToRetrieveImagePullSecret",
                         msg,
-                    )
-                    .await;
+                    );
                 }
             }
         }
@@ -753,8 +750,7 @@ impl Worker {
                 "Back-off restarting failed container {name} in pod {}",
                 status::pod_ref(&self.pod)
             );
-            self.event(Some((init, &name)), events::WARNING, "BackOff", msg)
-                .await;
+            self.event(Some((init, &name)), events::WARNING, "BackOff", msg);
         }
     }
 
@@ -819,8 +815,7 @@ impl Worker {
                         .flatten()
                         .any(|c| &c.name == name);
                     let msg = format!("Stopping container {name}");
-                    self.event(Some((init, name)), events::NORMAL, "Killing", msg)
-                        .await;
+                    self.event(Some((init, name)), events::NORMAL, "Killing", msg);
                     let app = spec.containers.iter().find(|c| &c.name == name);
                     let fallback = Container {
                         name: name.clone(),

@@ -289,11 +289,9 @@ impl ProbeWorker {
             .map(f)
     }
 
-    async fn event(&self, type_: &str, reason: &str, message: String) {
+    fn event(&self, type_: &str, reason: &str, message: String) {
         let path = Some(events::field_path(false, self.name()));
-        self.events
-            .pod(&self.pod, path, type_, reason, message)
-            .await;
+        self.events.pod(&self.pod, path, type_, reason, message);
     }
 
     async fn run(self) {
@@ -328,13 +326,13 @@ impl ProbeWorker {
                     successes += 1;
                     failures = 0;
                     let msg = format!("{} probe warning: {msg}", self.kind.title());
-                    self.event(events::WARNING, "ProbeWarning", msg).await;
+                    self.event(events::WARNING, "ProbeWarning", msg);
                 }
                 Outcome::Failure(msg) => {
                     failures += 1;
                     successes = 0;
                     let msg = format!("{} probe failed: {msg}", self.kind.title());
-                    self.event(events::WARNING, "Unhealthy", msg).await;
+                    self.event(events::WARNING, "Unhealthy", msg);
                 }
             }
             match self.kind {
