@@ -21,6 +21,9 @@ type Subscribers<K> = Arc<Mutex<Vec<mpsc::UnboundedSender<Arc<K>>>>>;
 pub struct Informer<K: Resource<DynamicType = ()> + 'static> {
     store: Store<K>,
     subs: Subscribers<K>,
+    /// True once the first list is in the store. kube's `Store::wait_until_ready` wakes only
+    /// the last of several concurrent waiters (one oneshot waker), so readiness is kept here.
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<K: Resource<DynamicType = ()> + 'static> Clone for Informer<K> {
@@ -28,6 +31,7 @@ impl<K: Resource<DynamicType = ()> + 'static> Clone for Informer<K> {
         Informer {
             store: self.store.clone(),
             subs: self.subs.clone(),
+            ready: self.ready.clone(),
         }
     }
 }
@@ -40,9 +44,11 @@ where
     pub fn start(tasks: &mut JoinSet<()>, api: Api<K>, cfg: watcher::Config) -> Self {
         let (store, mut writer) = reflector::store();
         let subs: Subscribers<K> = Arc::default();
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
         let inf = Informer {
             store: store.clone(),
             subs: subs.clone(),
+            ready,
         };
         tasks.spawn(async move {
             let mut events = watcher::watcher(api, cfg).default_backoff().boxed();
@@ -72,6 +78,7 @@ where
                             .collect();
                         notify(&subs, &gone);
                         notify(&subs, &std::mem::take(&mut relisted));
+                        ready_tx.send_replace(true);
                     }
                 }
             }
@@ -93,7 +100,7 @@ impl<K: Resource<DynamicType = ()> + Clone + 'static> Informer<K> {
     }
 
     pub async fn ready(&self) {
-        let _ = self.store.wait_until_ready().await;
+        let _ = self.ready.clone().wait_for(|r| *r).await;
     }
 
     /// The cached objects of one namespace.
