@@ -214,12 +214,18 @@ pub async fn start(cfg: Config) -> Result<Server, Error> {
             state.clone(),
             Identity::component("system:kube-controller-manager"),
         );
+        let mut watches = tokio::task::JoinSet::new();
+        let shared = crate::controllers::Shared::start(&mut watches, &cm);
+        tasks.push(tokio::spawn(async move {
+            while watches.join_next().await.is_some() {}
+        }));
         tasks.push(tokio::spawn(crate::controllers::run(
             cm,
             cfg.controller_cfg.clone(),
+            shared.clone(),
         )));
         let sched = client(state.clone(), Identity::component("system:kube-scheduler"));
-        tasks.push(tokio::spawn(crate::scheduler::run(sched)));
+        tasks.push(tokio::spawn(crate::scheduler::run(sched, shared)));
     }
     Ok(Server {
         addr,

@@ -133,19 +133,37 @@ fn key_of<K: kube::Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
 }
 
+/// The pod and node caches the controllers and the scheduler of one process share, so each
+/// object is held once however many of them read it.
+#[derive(Clone)]
+pub struct Shared {
+    pub pods: Informer<Pod>,
+    pub nodes: Informer<Node>,
+}
+
+impl Shared {
+    /// Starts both watches on `tasks` with `client`'s identity.
+    pub fn start(tasks: &mut JoinSet<()>, client: &Client) -> Shared {
+        Shared {
+            pods: Informer::start(tasks, Api::all(client.clone()), Default::default()),
+            nodes: Informer::start(tasks, Api::all(client.clone()), Default::default()),
+        }
+    }
+}
+
 /// Runs the controllers until the future is dropped (every task is owned by it).
-pub async fn run(client: Client, cfg: Config) {
+pub async fn run(client: Client, cfg: Config, shared: Shared) {
     let mut tasks = JoinSet::new();
     let wc = watcher::Config::default;
     let ctx = Arc::new(Ctx {
-        pods: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        pods: shared.pods,
         replicasets: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         deployments: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         daemonsets: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         jobs: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         services: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
         slices: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
-        nodes: Informer::start(&mut tasks, Api::all(client.clone()), wc()),
+        nodes: shared.nodes,
         events: events::Recorder::new(client.clone(), "controller-manager"),
         client,
         cfg,

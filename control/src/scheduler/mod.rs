@@ -12,7 +12,6 @@ use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod, PodConditi
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -46,20 +45,12 @@ fn wants_us(p: &Pod) -> bool {
         && !pods::is_terminal(p)
 }
 
-/// Runs the scheduler until the future is dropped.
-pub async fn run(client: Client) {
+/// Runs the scheduler until the future is dropped, reading pods and nodes from `shared`.
+pub async fn run(client: Client, shared: crate::controllers::Shared) {
     let mut tasks = JoinSet::new();
     let s = Arc::new(Scheduler {
-        pods: Informer::start(
-            &mut tasks,
-            Api::all(client.clone()),
-            watcher::Config::default(),
-        ),
-        nodes: Informer::start(
-            &mut tasks,
-            Api::all(client.clone()),
-            watcher::Config::default(),
-        ),
+        pods: shared.pods,
+        nodes: shared.nodes,
         events: Recorder::new(client.clone(), NAME),
         client,
         assumed: Mutex::default(),
