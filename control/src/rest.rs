@@ -1,6 +1,7 @@
 //! The REST verbs on resource paths: get, list, create, update, patch, delete,
 //! deletecollection, and the status, scale and binding subresources.
 
+use bytes::Bytes;
 use std::collections::HashMap;
 
 use hyper::{Method, Response};
@@ -165,28 +166,27 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
         }
         (&Method::DELETE, None, None) => {
             let opts = delete_options(&c.query, body)?;
-            let Listed { items, rev, .. } = reg.list(rt, c.ns(), &list_options(&c.query)?)?;
+            // The items stay the cache's JSON: a collection of thousands is never decoded whole.
+            let listed = reg.list_json(rt, c.ns(), &list_options(&c.query)?)?;
+            let items = &listed.items;
             // Deleted from several threads at once, so the deletions share commits.
             let workers = items.len().clamp(1, 16);
-            let results: Vec<ApiResult<Option<Value>>> = std::thread::scope(|s| {
+            let results: Vec<ApiResult<Option<usize>>> = std::thread::scope(|s| {
                 let chunks: Vec<_> = (0..workers)
                     .map(|w| {
-                        let (items, opts) = (&items, &opts);
+                        let opts = &opts;
                         s.spawn(move || {
                             items
                                 .iter()
+                                .enumerate()
                                 .skip(w)
                                 .step_by(workers)
-                                .map(|item| {
-                                    let ns = meta_str(item, "namespace").to_string();
-                                    let ns = (!ns.is_empty()).then_some(ns);
-                                    match reg.delete(
-                                        rt,
-                                        ns.as_deref(),
-                                        meta_str(item, "name"),
-                                        opts,
-                                    ) {
-                                        Ok(_) => Ok(Some(item.clone())),
+                                .map(|(i, item)| {
+                                    let key: ObjectKey = serde_json::from_slice(item)
+                                        .map_err(|e| ApiError::internal(e.to_string()))?;
+                                    let m = key.metadata;
+                                    match reg.delete(rt, m.namespace.as_deref(), &m.name, opts) {
+                                        Ok(_) => Ok(Some(i)),
                                         Err(e) if e.code == 404 => Ok(None),
                                         Err(e) => Err(e),
                                     }
@@ -202,13 +202,14 @@ pub async fn handle(reg: &Registry, c: Call, body: &[u8]) -> ApiResult<Response<
             });
             let mut deleted = Vec::new();
             for r in results {
-                if let Some(item) = r? {
-                    deleted.push(item);
+                if let Some(i) = r? {
+                    deleted.push(i);
                 }
             }
-            let out = json!({"kind": rt.list_kind(), "apiVersion": rt.api_version(),
-                "metadata": {"resourceVersion": rev.to_string()}, "items": deleted});
-            Ok(http::json_response(200, &out))
+            deleted.sort_unstable();
+            let deleted: Vec<Bytes> = deleted.into_iter().map(|i| items[i].clone()).collect();
+            let meta = json!({"resourceVersion": listed.rev.to_string()});
+            Ok(json_list(rt, meta, &deleted))
         }
         (_, Some(_), Some(sub)) if has_sub(rt, sub) => Err(ApiError::new(
             501,
@@ -295,26 +296,44 @@ fn list(reg: &Registry, c: &Call) -> ApiResult<Response<Body>> {
     }
     // The items are the cache's JSON as is: nothing is decoded or encoded per item.
     let l = reg.list_json(c.rt, c.ns(), &opts)?;
-    let head = json!({"kind": c.rt.list_kind(), "apiVersion": c.rt.api_version(),
-        "metadata": page_meta(l.rev, l.continue_token, l.remaining)});
+    let meta = page_meta(l.rev, l.continue_token, l.remaining);
+    Ok(json_list(c.rt, meta, &l.items))
+}
+
+/// The name and namespace of an object, read without decoding the rest of it.
+#[derive(serde::Deserialize)]
+struct ObjectKey {
+    metadata: KeyMeta,
+}
+
+#[derive(serde::Deserialize)]
+struct KeyMeta {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// A JSON list of `rt` whose items are already-encoded objects, joined as they are.
+fn json_list(rt: &ResourceType, meta: Value, items: &[Bytes]) -> Response<Body> {
+    let head = json!({"kind": rt.list_kind(), "apiVersion": rt.api_version(), "metadata": meta});
     let mut out = serde_json::to_vec(&head).expect("JSON serialises");
     out.pop(); // the closing brace
-    let size: usize = l.items.iter().map(|i| i.len() + 1).sum();
+    let size: usize = items.iter().map(|i| i.len() + 1).sum();
     out.reserve(size + 16);
     out.extend_from_slice(b",\"items\":[");
-    for (i, item) in l.items.iter().enumerate() {
+    for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         out.extend_from_slice(item);
     }
     out.extend_from_slice(b"]}");
-    Ok(Response::builder()
+    Response::builder()
         .status(200)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::CACHE_CONTROL, "no-cache, private")
         .body(http::full(out))
-        .expect("valid response"))
+        .expect("valid response")
 }
 
 fn delete_options(q: &HashMap<String, String>, body: &[u8]) -> ApiResult<DeleteOptions> {

@@ -745,11 +745,21 @@ async fn dry_run_generate_name_collections_and_bad_requests() -> Result<()> {
         c.metadata.labels = Some([("grp".to_string(), l.to_string())].into());
         cms.create(&PostParams::default(), &c).await?;
     }
-    cms.delete_collection(
-        &DeleteParams::default(),
-        &ListParams::default().labels("grp=x"),
-    )
-    .await?;
+    let gone = cms
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("grp=x"),
+        )
+        .await?;
+    // The answer lists the deleted objects, in list order.
+    let gone: Vec<String> = gone
+        .left()
+        .expect("a list of the deleted objects")
+        .items
+        .into_iter()
+        .map(|c| c.metadata.name.unwrap_or_default())
+        .collect();
+    assert_eq!(gone, ["a", "b"]);
     let left = cms.list(&ListParams::default().labels("grp")).await?;
     assert_eq!(left.items.len(), 1);
 
