@@ -8,7 +8,7 @@ use crate::events::{self, Recorder};
 use crate::objects::Objects;
 use crate::pod_runtime::{container_id, PodRuntime};
 use crate::probe::{self, Notice, Target};
-use crate::status::{self, Backoff, PodSnapshot, Restart, RunState, Waiting};
+use crate::status::{self, Backoff, PodSnapshot, Restart, Role, RunState, Waiting};
 use crate::volumes::{self, PodVolumes};
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Secret};
 use k8s_openapi::jiff::Timestamp;
@@ -296,7 +296,14 @@ impl Worker {
             return;
         };
         let spec = self.pod.spec.clone().unwrap_or_default();
-        let Some(c) = spec.containers.iter().find(|c| c.name == container) else {
+        let sidecars = spec.init_containers.iter().flatten();
+        let sidecars = sidecars.filter(|c| Role::of(c, true) == Role::Sidecar);
+        let Some(c) = spec
+            .containers
+            .iter()
+            .chain(sidecars)
+            .find(|c| c.name == container)
+        else {
             return;
         };
         let running = self.snapshot().await.ok().and_then(|s| {
@@ -457,18 +464,39 @@ impl Worker {
         let spec = self.pod.spec.clone().unwrap_or_default();
         let now = Timestamp::now();
         let b = self.backoff();
+        // Once app containers began, sidecars restart beside them and hold nothing back.
+        let app_began = spec
+            .containers
+            .iter()
+            .any(|c| snap.containers.contains_key(&c.name));
         for c in spec.init_containers.iter().flatten() {
+            let role = Role::of(c, true);
             match snap.containers.get(&c.name) {
+                None if role == Role::Sidecar && app_began => self.start(c, true, 0).await?,
                 None => return self.start(c, true, 0).await,
                 Some(rec) => match &rec.current.state {
-                    RunState::Exited { exit_code: 0, .. } => continue,
+                    RunState::Exited { exit_code: 0, .. } if role == Role::Init => continue,
                     RunState::Exited { .. } => {
-                        if status::restart(&self.pod, rec, true, b, now) == Restart::Now {
+                        if status::restart(&self.pod, rec, role, b, now) == Restart::Now {
                             self.start(c, true, rec.current.attempt + 1).await?;
                         }
-                        return Ok(());
+                        if !(role == Role::Sidecar && app_began) {
+                            return Ok(());
+                        }
                     }
                     RunState::Created => return self.start(c, true, rec.current.attempt).await,
+                    // The next one starts once a sidecar has started (its startup probe passed).
+                    RunState::Running { .. } if role == Role::Sidecar => {
+                        let started = c.startup_probe.is_none()
+                            || self
+                                .probes
+                                .health()
+                                .get(&c.name)
+                                .is_some_and(|h| h.id == rec.current.id && h.started);
+                        if !started && !app_began {
+                            return Ok(());
+                        }
+                    }
                     RunState::Running { .. } => return Ok(()),
                 },
             }
@@ -481,7 +509,7 @@ impl Worker {
                     self.start(c, false, rec.current.attempt).await?
                 }
                 Some(rec) => {
-                    if status::restart(&self.pod, rec, false, b, now) == Restart::Now {
+                    if status::restart(&self.pod, rec, Role::App, b, now) == Restart::Now {
                         self.start(c, false, rec.current.attempt + 1).await?;
                     }
                 }

@@ -114,6 +114,31 @@ pub enum Restart {
     },
 }
 
+/// What a container is to its pod: an init container runs to completion before the next; a
+/// sidecar (an init container with `restartPolicy: Always`) starts in the init order, keeps
+/// running beside the app containers and is restarted whenever it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Init,
+    Sidecar,
+    App,
+}
+
+impl Role {
+    pub fn of(c: &Container, init: bool) -> Role {
+        match (init, c.restart_policy.as_deref()) {
+            (true, Some("Always")) => Role::Sidecar,
+            (true, _) => Role::Init,
+            (false, _) => Role::App,
+        }
+    }
+
+    /// Runs among the init containers (its status is in initContainerStatuses).
+    pub fn init(self) -> bool {
+        self != Role::App
+    }
+}
+
 fn restart_policy(pod: &Pod) -> &str {
     pod.spec
         .as_ref()
@@ -123,11 +148,11 @@ fn restart_policy(pod: &Pod) -> &str {
 
 /// Whether (and when) an exited container is restarted, by restart policy and back-off. Init
 /// containers follow the same rule, with Always treated as OnFailure (they never rerun on
-/// success).
+/// success); sidecars always restart.
 pub fn restart(
     pod: &Pod,
     rec: &ContainerRecord,
-    init: bool,
+    role: Role,
     b: Backoff,
     now: Timestamp,
 ) -> Restart {
@@ -140,10 +165,11 @@ pub fn restart(
     else {
         return Restart::No;
     };
-    let wanted = match restart_policy(pod) {
-        "Never" => false,
-        "OnFailure" => *exit_code != 0,
-        _ => !init || *exit_code != 0,
+    let wanted = match (role, restart_policy(pod)) {
+        (Role::Sidecar, _) => true,
+        (_, "Never") => false,
+        (_, "OnFailure") => *exit_code != 0,
+        (role, _) => role == Role::App || *exit_code != 0,
     };
     if !wanted {
         return Restart::No;
@@ -212,7 +238,7 @@ fn container_status(
     pod: &Pod,
     c: &Container,
     snap: &PodSnapshot,
-    init: bool,
+    role: Role,
     default_reason: &str,
     b: Backoff,
     now: Timestamp,
@@ -262,7 +288,7 @@ fn container_status(
             let health = snap.health.get(&c.name).filter(|h| h.id == cur.id);
             let started = c.startup_probe.is_none() || health.is_some_and(|h| h.started);
             let ready = c.readiness_probe.is_none() || health.is_some_and(|h| h.ready);
-            s.ready = !init && started && ready;
+            s.ready = role != Role::Init && started && ready;
             s.started = Some(started);
         }
         RunState::Exited { .. } => {
@@ -271,7 +297,7 @@ fn container_status(
                 ..Default::default()
             };
             let restarting = |state: ContainerState| (state, Some(done.clone()));
-            let (state, last) = match (restart(pod, rec, init, b, now), failure) {
+            let (state, last) = match (restart(pod, rec, role, b, now), failure) {
                 (Restart::No, _) => (done.clone(), s.last_state.take()),
                 (_, Some(w)) => restarting(waiting(&w.reason, Some(w.message.clone()))),
                 (Restart::Later { delay, .. }, None) => restarting(waiting(
@@ -303,9 +329,15 @@ fn fmt_delay(d: Duration) -> String {
     }
 }
 
-fn phase(pod: &Pod, init: &[ContainerStatus], app: &[ContainerStatus]) -> &'static str {
+fn phase(
+    pod: &Pod,
+    init: &[(Role, ContainerStatus)],
+    app: &[ContainerStatus],
+    app_began: bool,
+) -> &'static str {
     let policy = restart_policy(pod);
-    let init_failed = init.iter().any(|s| {
+    // A sidecar that exits is restarted, whatever its code.
+    let init_failed = init.iter().filter(|(r, _)| *r == Role::Init).any(|(_, s)| {
         s.state
             .as_ref()
             .and_then(|st| st.terminated.as_ref())
@@ -314,7 +346,7 @@ fn phase(pod: &Pod, init: &[ContainerStatus], app: &[ContainerStatus]) -> &'stat
     if init_failed && policy == "Never" {
         return "Failed";
     }
-    if !initialized(init) {
+    if !initialized(init, app_began) {
         return "Pending";
     }
     let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
@@ -357,15 +389,22 @@ fn phase(pod: &Pod, init: &[ContainerStatus], app: &[ContainerStatus]) -> &'stat
     }
 }
 
-fn initialized(init: &[ContainerStatus]) -> bool {
-    init.iter().all(init_done)
+fn initialized(init: &[(Role, ContainerStatus)], app_began: bool) -> bool {
+    init.iter().all(|(r, s)| init_done(*r, s, app_began))
 }
 
-fn init_done(s: &ContainerStatus) -> bool {
-    s.state
-        .as_ref()
-        .and_then(|st| st.terminated.as_ref())
-        .is_some_and(|t| t.exit_code == 0)
+/// An init container is done when it completed, a sidecar once it has started; once app
+/// containers began, a sidecar's later restarts do not undo the pod's initialization.
+fn init_done(role: Role, s: &ContainerStatus, app_began: bool) -> bool {
+    let st = s.state.as_ref();
+    match role {
+        Role::Sidecar => {
+            app_began || st.and_then(|st| st.running.as_ref()).is_some() && s.started == Some(true)
+        }
+        _ => st
+            .and_then(|st| st.terminated.as_ref())
+            .is_some_and(|t| t.exit_code == 0),
+    }
 }
 
 fn cond(type_: &str, ok: bool, reason: Option<&str>, message: Option<String>) -> PodCondition {
@@ -386,11 +425,16 @@ fn names(v: Vec<&ContainerStatus>) -> String {
 fn conditions(
     snap: &PodSnapshot,
     phase: &str,
-    init: &[ContainerStatus],
+    init: &[(Role, ContainerStatus)],
     app: &[ContainerStatus],
+    app_began: bool,
 ) -> Vec<PodCondition> {
     let completed = phase == "Succeeded";
-    let pending_init: Vec<&ContainerStatus> = init.iter().filter(|s| !init_done(s)).collect();
+    let pending_init: Vec<&ContainerStatus> = init
+        .iter()
+        .filter(|(r, s)| !init_done(*r, s, app_began))
+        .map(|(_, s)| s)
+        .collect();
     let initialized = if completed || pending_init.is_empty() {
         let mut c = cond("Initialized", true, None, None);
         if completed && !init.is_empty() {
@@ -408,7 +452,13 @@ fn conditions(
             )),
         )
     };
-    let unready: Vec<&ContainerStatus> = app.iter().filter(|s| !s.ready).collect();
+    // Sidecars count for readiness as app containers do.
+    let sidecars = init.iter().filter(|(r, _)| *r == Role::Sidecar);
+    let unready: Vec<&ContainerStatus> = sidecars
+        .map(|(_, s)| s)
+        .chain(app)
+        .filter(|s| !s.ready)
+        .collect();
     let ready_cond = |type_: &str| {
         if completed {
             let mut c = cond(type_, false, Some("PodCompleted"), None);
@@ -447,9 +497,15 @@ pub fn pod_status(
     let old = pod.status.clone().unwrap_or_default();
     let spec = pod.spec.clone().unwrap_or_default();
     let init_specs = spec.init_containers.clone().unwrap_or_default();
-    let init: Vec<ContainerStatus> = init_specs
+    let init: Vec<(Role, ContainerStatus)> = init_specs
         .iter()
-        .map(|c| container_status(pod, c, snap, true, "PodInitializing", b, now))
+        .map(|c| {
+            let role = Role::of(c, true);
+            (
+                role,
+                container_status(pod, c, snap, role, "PodInitializing", b, now),
+            )
+        })
         .collect();
     let app_default = if init_specs.is_empty() {
         "ContainerCreating"
@@ -459,10 +515,14 @@ pub fn pod_status(
     let app: Vec<ContainerStatus> = spec
         .containers
         .iter()
-        .map(|c| container_status(pod, c, snap, false, app_default, b, now))
+        .map(|c| container_status(pod, c, snap, Role::App, app_default, b, now))
         .collect();
-    let phase = phase(pod, &init, &app);
-    let mut conds = conditions(snap, phase, &init, &app);
+    let app_began = spec
+        .containers
+        .iter()
+        .any(|c| snap.containers.contains_key(&c.name));
+    let phase = phase(pod, &init, &app, app_began);
+    let mut conds = conditions(snap, phase, &init, &app, app_began);
     let t = time(now);
     for c in &mut conds {
         let kept = old
@@ -493,7 +553,8 @@ pub fn pod_status(
             .then(|| pod_ips.iter().map(|ip| PodIP { ip: ip.clone() }).collect()),
         start_time: old.start_time.clone().or(Some(t)),
         qos_class: qos,
-        init_container_statuses: (!init.is_empty()).then_some(init),
+        init_container_statuses: (!init.is_empty())
+            .then(|| init.into_iter().map(|(_, s)| s).collect()),
         container_statuses: Some(app),
         ..Default::default()
     }

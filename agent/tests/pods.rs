@@ -375,6 +375,86 @@ async fn init_containers_run_in_order_before_app_containers() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_start_before_later_init_containers_restart_and_end_with_the_pod() -> Result<()> {
+    let mut c = Cluster::new().await?;
+    c.start_agent().await?;
+    // The sidecar marks itself up in a shared volume after a second; its startup probe holds
+    // the next init container back until then, which checks the mark.
+    let pod = |name: &str, policy: &str, side: &str, app: &str| {
+        json!({
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": policy,
+                "terminationGracePeriodSeconds": 1,
+                "volumes": [{"name": "shared", "emptyDir": {}}],
+                "initContainers": [
+                    {"name": "side", "image": busybox(), "restartPolicy": "Always",
+                     "command": ["sh", "-c", side],
+                     "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+                     "startupProbe": {"exec": {"command": ["test", "-f", "/shared/up"]}, "periodSeconds": 1}},
+                    {"name": "check", "image": busybox(), "command": ["test", "-f", "/shared/up"],
+                     "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]}
+                ],
+                "containers": [{"name": "app", "image": busybox(), "command": ["sh", "-c", app]}]
+            }
+        })
+    };
+    // A job-like pod: done when its app container is, though the sidecar never ends.
+    c.create_pod(pod(
+        "job",
+        "Never",
+        "sleep 1; touch /shared/up; exec sleep 3600",
+        "sleep 2",
+    ))
+    .await?;
+    // A sidecar that exits every few seconds is restarted beside a running app container.
+    c.create_pod(pod(
+        "flaky",
+        "Always",
+        "sleep 1; touch /shared/up; sleep 2; exit 3",
+        "sleep 3600",
+    ))
+    .await?;
+    let inits = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.init_container_statuses.clone())
+            .unwrap_or_default()
+    };
+    let job = c
+        .wait_pod("job", Duration::from_secs(60), "Succeeded", |p| {
+            phase(p) == "Succeeded"
+        })
+        .await?;
+    let check = inits(&job)[1].state.clone().unwrap().terminated.unwrap();
+    assert_eq!(
+        check.exit_code, 0,
+        "the init container after the sidecar saw it started"
+    );
+    assert_eq!(
+        container(&job).state.unwrap().terminated.unwrap().exit_code,
+        0
+    );
+
+    let flaky = c
+        .wait_pod(
+            "flaky",
+            Duration::from_secs(60),
+            "a restarted sidecar",
+            |p| phase(p) == "Running" && inits(p).first().is_some_and(|s| s.restart_count >= 1),
+        )
+        .await?;
+    assert_eq!(condition(&flaky, "Initialized").as_deref(), Some("True"));
+    assert_eq!(
+        container(&flaky).restart_count,
+        0,
+        "the app container kept running"
+    );
+    assert!(container(&flaky).state.unwrap().running.is_some());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_pull_secrets_authenticate_to_the_registry() -> Result<()> {
     let mut c = Cluster::new().await?;
     c.start_agent().await?;

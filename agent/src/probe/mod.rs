@@ -182,7 +182,10 @@ impl Manager {
     pub fn sync(&mut self, pod: &Arc<Pod>, snap: &PodSnapshot, host: Option<IpAddr>) {
         let spec = pod.spec.clone().unwrap_or_default();
         let mut live = Vec::new();
-        for c in &spec.containers {
+        // Sidecars (init containers that restart always) are probed as app containers are.
+        let sidecars = (spec.init_containers.iter().flatten())
+            .filter(|c| crate::status::Role::of(c, true) == crate::status::Role::Sidecar);
+        for c in spec.containers.iter().chain(sidecars) {
             let Some(rec) = snap.containers.get(&c.name) else {
                 continue;
             };
@@ -212,8 +215,11 @@ impl Manager {
         let reported = pod
             .status
             .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|v| v.iter().find(|s| s.name == c.name))
+            .and_then(|s| {
+                let all = s.container_statuses.iter().flatten();
+                all.chain(s.init_container_statuses.iter().flatten())
+                    .find(|s| s.name == c.name)
+            })
             .filter(|s| s.container_id.as_deref() == Some(&format!("oxlet://{id}")));
         let started =
             c.startup_probe.is_none() || reported.is_some_and(|s| s.started == Some(true));
@@ -290,7 +296,10 @@ impl ProbeWorker {
     }
 
     fn event(&self, type_: &str, reason: &str, message: String) {
-        let path = Some(events::field_path(false, self.name()));
+        let spec = self.pod.spec.as_ref();
+        let inits = spec.and_then(|s| s.init_containers.as_ref());
+        let sidecar = inits.is_some_and(|v| v.iter().any(|c| c.name == self.name()));
+        let path = Some(events::field_path(sidecar, self.name()));
         self.events.pod(&self.pod, path, type_, reason, message);
     }
 

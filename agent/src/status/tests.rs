@@ -199,12 +199,12 @@ fn crash_loop_back_off_doubles_from_the_second_restart() {
         current: attempt("c", n, exited(1, 100)),
         previous: None,
     };
-    assert_eq!(restart(&p, &rec(0), false, B, t(100)), Restart::Now);
+    assert_eq!(restart(&p, &rec(0), Role::App, B, t(100)), Restart::Now);
     assert!(matches!(
-        restart(&p, &rec(2), false, B, t(105)),
+        restart(&p, &rec(2), Role::App, B, t(105)),
         Restart::Later { .. }
     ));
-    assert_eq!(restart(&p, &rec(2), false, B, t(120)), Restart::Now);
+    assert_eq!(restart(&p, &rec(2), Role::App, B, t(120)), Restart::Now);
 
     let s = status(&p, &snap(vec![("c", 2, exited(1, 100))]), 105);
     assert_eq!(s.phase.as_deref(), Some("Running"));
@@ -323,4 +323,47 @@ fn probes_hold_started_and_ready() {
         },
     );
     assert!(!first(&status(&p, &sn, 1)).ready);
+}
+
+#[test]
+fn sidecars_start_in_order_restart_always_and_do_not_decide_the_phase() {
+    let mut p = pod("Never", &["app"], &["side", "i2"]);
+    p.spec.as_mut().unwrap().init_containers.as_mut().unwrap()[0].restart_policy =
+        Some("Always".into());
+    // Running and started: it counts as initialized, and as a container to be ready.
+    let s = status(&p, &snap(vec![("side", 0, running())]), 1);
+    assert_eq!(s.phase.as_deref(), Some("Pending"));
+    assert_eq!(
+        cond(&s, "Initialized").message.as_deref(),
+        Some("containers with incomplete status: [i2]")
+    );
+    let side = &s.init_container_statuses.as_ref().unwrap()[0];
+    assert!(side.ready && side.started == Some(true), "{side:?}");
+    // With restartPolicy Never, a sidecar that failed is restarted and fails nothing.
+    let rec = |state| ContainerRecord {
+        current: attempt("side", 0, state),
+        previous: None,
+    };
+    assert_eq!(
+        restart(&p, &rec(exited(0, 1)), Role::Sidecar, B, t(100)),
+        Restart::Now
+    );
+    let sn = snap(vec![
+        ("side", 1, exited(1, 10)),
+        ("i2", 0, exited(0, 2)),
+        ("app", 0, running()),
+    ]);
+    let s = status(&p, &sn, 10);
+    assert_eq!(s.phase.as_deref(), Some("Running"));
+    assert_eq!(cond(&s, "Initialized").status, "True");
+    assert_eq!(cond(&s, "Ready").status, "False");
+    let side = &s.init_container_statuses.as_ref().unwrap()[0];
+    assert_eq!(waiting_reason(side), Some("CrashLoopBackOff"));
+    // The app container's end decides: Succeeded though the sidecar still runs.
+    let sn = snap(vec![
+        ("side", 0, running()),
+        ("i2", 0, exited(0, 2)),
+        ("app", 0, exited(0, 5)),
+    ]);
+    assert_eq!(status(&p, &sn, 6).phase.as_deref(), Some("Succeeded"));
 }
