@@ -169,9 +169,9 @@ impl Config {
 /// cannot retry (the watches and heartbeats retry by themselves).
 pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
     let mut delay = Duration::from_millis(200);
-    let node = loop {
+    let (node, registered) = loop {
         match node::register(&client, &cfg).await {
-            Ok(node) => break node,
+            Ok(r) => break r,
             Err(e) => {
                 tracing::warn!(error = %e, "register node; retrying");
                 tokio::time::sleep(delay).await;
@@ -191,7 +191,8 @@ pub async fn run(client: kube::Client, cfg: Config) -> Result<()> {
     network::ensure_default_config(&cfg, pod_cidr.as_deref())?;
     let host_ip = node::internal_ip(&cfg);
     let ctx = Arc::new(pod_runtime::PodRuntime::new(&cfg, host_ip)?);
-    let _heartbeat = AbortOnDrop(tokio::spawn(node::heartbeat(client.clone(), cfg.clone())));
+    let heartbeat = node::heartbeat(client.clone(), cfg.clone(), registered);
+    let _heartbeat = AbortOnDrop(tokio::spawn(heartbeat));
     let _image_gc = AbortOnDrop(tokio::spawn(image_gc::run(ctx.clone())));
     let api = ctx.clone();
     let _kubelet_api = AbortOnDrop(tokio::spawn(async move {

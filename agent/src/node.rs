@@ -268,8 +268,9 @@ fn labels(cfg: &Config) -> BTreeMap<String, String> {
 }
 
 /// Creates the Node, or takes over an existing one of the same name (an earlier run's), then
-/// reports its status once. Returns the Node as stored.
-pub async fn register(client: &kube::Client, cfg: &Config) -> Result<Node> {
+/// reports its status once. Returns the Node as stored and the status reported, which the
+/// heartbeat goes on from.
+pub async fn register(client: &kube::Client, cfg: &Config) -> Result<(Node, NodeStatus)> {
     let api: Api<Node> = Api::all(client.clone());
     let node = Node {
         metadata: ObjectMeta {
@@ -295,7 +296,8 @@ pub async fn register(client: &kube::Client, cfg: &Config) -> Result<Node> {
     }
     let existing = api.get_status(&cfg.node_name).await?;
     let status = with_times(current_status(cfg), existing.status.as_ref());
-    patch_status(&api, &cfg.node_name, &status).await
+    let node = patch_status(&api, &cfg.node_name, &status).await?;
+    Ok((node, status))
 }
 
 /// The Node's spec.podCIDR once it has one, polling for at most `limit`.
@@ -327,12 +329,13 @@ async fn patch_status(api: &Api<Node>, name: &str, status: &NodeStatus) -> Resul
         .await?)
 }
 
-/// Node status and Lease, forever; failures are logged and retried on the next tick (the Lease
-/// sooner, backing off 200 ms to 7 s as kubelet does).
-pub async fn heartbeat(client: kube::Client, cfg: Config) {
+/// Node status and Lease, forever, from the status `registered` reported; failures are logged
+/// and retried on the next tick (the Lease sooner, backing off 200 ms to 7 s as kubelet does).
+pub async fn heartbeat(client: kube::Client, cfg: Config, registered: NodeStatus) {
     let nodes: Api<Node> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
-    let mut last: Option<(NodeStatus, Instant)> = None;
+    // What register wrote is not written again, and its transition times are kept.
+    let mut last = (registered, Instant::now());
     let mut tick = tokio::time::interval(cfg.node_status_interval);
     loop {
         tick.tick().await;
@@ -347,17 +350,12 @@ pub async fn heartbeat(client: kube::Client, cfg: Config) {
                 }
             }
         }
-        let previous = last.as_ref().map(|(s, _)| s);
-        let status = with_times(current_status(&cfg), previous);
-        let due = match &last {
-            None => true,
-            Some((s, at)) => changed(s, &status) || at.elapsed() >= cfg.node_status_report_interval,
-        };
-        if !due {
+        let status = with_times(current_status(&cfg), Some(&last.0));
+        if !changed(&last.0, &status) && last.1.elapsed() < cfg.node_status_report_interval {
             continue;
         }
         match patch_status(&nodes, &cfg.node_name, &status).await {
-            Ok(_) => last = Some((status, Instant::now())),
+            Ok(_) => last = (status, Instant::now()),
             Err(e) => tracing::warn!(error = %e, "update node status"),
         }
     }

@@ -47,9 +47,14 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
 
     let nodes: Api<Node> = Api::all(c.admin.clone());
     let deadline = std::time::Instant::now() + patience(Duration::from_secs(20));
+    // Settled: Ready, its pod range assigned and no not-ready taint, so that only the agent
+    // could still write to it (the node controllers react to a new node with writes of theirs).
     let node = loop {
         if let Some(n) = nodes.get_opt(&c.node).await? {
-            if n.status.as_ref().is_some_and(|s| s.conditions.is_some()) {
+            let conditions = n.status.iter().flat_map(|s| s.conditions.iter().flatten());
+            let ready = { conditions }.any(|c| c.type_ == "Ready" && c.status == "True");
+            let spec = n.spec.clone().unwrap_or_default();
+            if ready && spec.pod_cidr.is_some() && spec.taints.unwrap_or_default().is_empty() {
                 break n;
             }
         }
@@ -88,9 +93,16 @@ async fn node_registers_and_a_pod_runs_with_a_reachable_ip_then_is_deleted_clean
     assert_eq!(spec.holder_identity.as_deref(), Some(c.node.as_str()));
     assert_eq!(spec.lease_duration_seconds, Some(40));
     // Status is computed every second here but written only when it changed.
-    let before = nodes.get(&c.node).await?.metadata.resource_version;
+    let before = nodes.get(&c.node).await?;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(nodes.get(&c.node).await?.metadata.resource_version, before);
+    let after = nodes.get(&c.node).await?;
+    assert_eq!(
+        after.metadata.resource_version,
+        before.metadata.resource_version,
+        "the node was written:\nbefore {}\nafter {}",
+        serde_json::to_string(&before)?,
+        serde_json::to_string(&after)?
+    );
 
     let script =
         "mkdir -p /www && echo hello-from-oxlet > /www/index.html && exec httpd -f -p 8080 -h /www";
