@@ -296,12 +296,10 @@ impl Worker {
             return;
         };
         let spec = self.pod.spec.clone().unwrap_or_default();
-        let sidecars = spec.init_containers.iter().flatten();
-        let sidecars = sidecars.filter(|c| Role::of(c, true) == Role::Sidecar);
         let Some(c) = spec
             .containers
             .iter()
-            .chain(sidecars)
+            .chain(status::sidecars(&spec))
             .find(|c| c.name == container)
         else {
             return;
@@ -465,10 +463,7 @@ impl Worker {
         let now = Timestamp::now();
         let b = self.backoff();
         // Once app containers began, sidecars restart beside them and hold nothing back.
-        let app_began = spec
-            .containers
-            .iter()
-            .any(|c| snap.containers.contains_key(&c.name));
+        let app_began = snap.app_began(&spec);
         for c in spec.init_containers.iter().flatten() {
             let role = Role::of(c, true);
             match snap.containers.get(&c.name) {
@@ -487,12 +482,7 @@ impl Worker {
                     RunState::Created => return self.start(c, true, rec.current.attempt).await,
                     // The next one starts once a sidecar has started (its startup probe passed).
                     RunState::Running { .. } if role == Role::Sidecar => {
-                        let started = c.startup_probe.is_none()
-                            || self
-                                .probes
-                                .health()
-                                .get(&c.name)
-                                .is_some_and(|h| h.id == rec.current.id && h.started);
+                        let started = status::started(c, &rec.current, &self.probes.health());
                         if !started && !app_began {
                             return Ok(());
                         }

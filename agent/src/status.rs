@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::core::v1::{
     Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
-    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodStatus,
+    ContainerStateWaiting, ContainerStatus, HostIP, Pod, PodCondition, PodIP, PodSpec, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -78,6 +78,26 @@ pub struct PodSnapshot {
     pub health: BTreeMap<String, crate::probe::Health>,
 }
 
+impl PodSnapshot {
+    /// Whether any app container of `spec` was made: the pod got past its init containers.
+    pub fn app_began(&self, spec: &PodSpec) -> bool {
+        spec.containers
+            .iter()
+            .any(|c| self.containers.contains_key(&c.name))
+    }
+}
+
+/// Whether attempt `cur` of `c` has started: at once without a startup probe, else once the
+/// probe passed for that attempt (`health` by container name).
+pub fn started(
+    c: &Container,
+    cur: &Attempt,
+    health: &BTreeMap<String, crate::probe::Health>,
+) -> bool {
+    let h = health.get(&c.name).filter(|h| h.id == cur.id);
+    c.startup_probe.is_none() || h.is_some_and(|h| h.started)
+}
+
 /// Restart back-off: none before the first restart, then `base` doubling up to `max`; a run of
 /// ten minutes or more starts over (kubelet's CrashLoopBackOff).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,11 +152,11 @@ impl Role {
             (false, _) => Role::App,
         }
     }
+}
 
-    /// Runs among the init containers (its status is in initContainerStatuses).
-    pub fn init(self) -> bool {
-        self != Role::App
-    }
+/// The pod's sidecars: its init containers with `restartPolicy: Always`.
+pub fn sidecars(spec: &PodSpec) -> impl Iterator<Item = &Container> {
+    (spec.init_containers.iter().flatten()).filter(|c| Role::of(c, true) == Role::Sidecar)
 }
 
 fn restart_policy(pod: &Pod) -> &str {
@@ -286,7 +306,7 @@ fn container_status(
             // Probes hold `started` until the startup probe succeeds and `ready` until the
             // readiness probe does; without them both follow running.
             let health = snap.health.get(&c.name).filter(|h| h.id == cur.id);
-            let started = c.startup_probe.is_none() || health.is_some_and(|h| h.started);
+            let started = started(c, cur, &snap.health);
             let ready = c.readiness_probe.is_none() || health.is_some_and(|h| h.ready);
             s.ready = role != Role::Init && started && ready;
             s.started = Some(started);
@@ -517,10 +537,7 @@ pub fn pod_status(
         .iter()
         .map(|c| container_status(pod, c, snap, Role::App, app_default, b, now))
         .collect();
-    let app_began = spec
-        .containers
-        .iter()
-        .any(|c| snap.containers.contains_key(&c.name));
+    let app_began = snap.app_began(&spec);
     let phase = phase(pod, &init, &app, app_began);
     let mut conds = conditions(snap, phase, &init, &app, app_began);
     let t = time(now);

@@ -664,11 +664,11 @@ async fn run_attach(
 }
 
 /// Writes what the client types to the container's stdin (and, on a terminal, applies its
-/// window sizes) until the client closes its stdin; then closes the session's connection, so
-/// the shim closes a `stdinOnce` stdin.
+/// window sizes) until the client closes its stdin; the session's connection to the shim
+/// closes on return, so the shim closes a `stdinOnce` stdin.
 async fn feed_stdin(
     mut rx: mpsc::Receiver<Bytes>,
-    conn: std::os::unix::net::UnixStream,
+    _session: std::os::unix::net::UnixStream,
     fd: OwnedFd,
     resize: Option<mpsc::Receiver<(u16, u16)>>,
 ) {
@@ -690,6 +690,4 @@ async fn feed_stdin(
     if let Some(r) = resizer {
         r.abort();
     }
-    drop(w);
-    drop(conn);
 }

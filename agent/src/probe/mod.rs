@@ -182,10 +182,8 @@ impl Manager {
     pub fn sync(&mut self, pod: &Arc<Pod>, snap: &PodSnapshot, host: Option<IpAddr>) {
         let spec = pod.spec.clone().unwrap_or_default();
         let mut live = Vec::new();
-        // Sidecars (init containers that restart always) are probed as app containers are.
-        let sidecars = (spec.init_containers.iter().flatten())
-            .filter(|c| crate::status::Role::of(c, true) == crate::status::Role::Sidecar);
-        for c in spec.containers.iter().chain(sidecars) {
+        // Sidecars are probed as app containers are.
+        for c in spec.containers.iter().chain(crate::status::sidecars(&spec)) {
             let Some(rec) = snap.containers.get(&c.name) else {
                 continue;
             };
