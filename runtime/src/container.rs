@@ -157,6 +157,20 @@ pub struct ProcessIo {
     pub tty: bool,
 }
 
+impl ProcessIo {
+    /// As `oxlet-shim create` takes them.
+    fn flags(self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.stdin, "--stdin"),
+            (self.stdin_once, "--stdin-once"),
+            (self.tty, "--tty"),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .flat_map(|(_, flag)| [flag, "1"])
+    }
+}
+
 /// The socket in a bundle where the shim hands out the container's stdin (see `attach_stdin`).
 pub const ATTACH_SOCKET: &str = "attach.sock";
 
@@ -220,14 +234,7 @@ pub fn create(paths: &Paths, id: &str, log: &LogOptions, io: ProcessIo) -> Resul
         .arg(log.max_size.to_string())
         .arg("--log-max-files")
         .arg(log.max_files.to_string())
-        .args(io.stdin.then_some(["--stdin", "1"]).into_iter().flatten())
-        .args(
-            io.stdin_once
-                .then_some(["--stdin-once", "1"])
-                .into_iter()
-                .flatten(),
-        )
-        .args(io.tty.then_some(["--tty", "1"]).into_iter().flatten())
+        .args(io.flags())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(shim_log)

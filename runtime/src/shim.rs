@@ -15,7 +15,7 @@
 //! is PID 1 of that namespace (a pod's shared process namespace), reports its pid on stdout and
 //! exits; the child reaps orphans until it is killed.
 
-use crate::container::{wait_for, ExitInfo};
+use crate::container::{short_socket_path, wait_for, ExitInfo, ATTACH_SOCKET};
 use crate::log::{copy_stream, CriLog, Stream};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
@@ -23,6 +23,7 @@ use nix::unistd::{fork, setsid, ForkResult};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -219,7 +220,6 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
     };
     let pid = container.pid().ok_or("container has no pid")?;
     let cgroup = crate::container::cgroups_path(&bundle);
-    let mut eager = false;
     if let Some(console) = console {
         let _ = std::fs::remove_file(short_socket_path(&bundle_fd, CONSOLE_SOCKET));
         let master = receive_master(&console)?;
@@ -231,8 +231,6 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
             serve_stdin(&bundle_fd, dup, false)?;
         }
         outputs = vec![(master, Stream::Stdout)];
-        // A prompt without a newline must reach attached terminals at once.
-        eager = true;
     } else if let Some(w) = stdin_w {
         serve_stdin(&bundle_fd, w, stdin_once)?;
     }
@@ -242,7 +240,8 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
             let log = log.clone();
             std::thread::spawn(move || {
                 let file = std::fs::File::from(fd);
-                match copy_stream(file, stream, log, eager) {
+                // A prompt without a newline must reach attached terminals at once.
+                match copy_stream(file, stream, log, tty) {
                     // A terminal's master reads EIO once no process holds the terminal.
                     Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
                     Err(e) => tracing::warn!(error = %e, "log copy"),
@@ -278,9 +277,6 @@ fn supervise(f: &HashMap<String, String>) -> Result<(), String> {
 }
 
 const CONSOLE_SOCKET: &str = "console.sock";
-
-use crate::container::{short_socket_path, ATTACH_SOCKET};
-use std::os::unix::net::{UnixListener, UnixStream};
 
 /// The terminal master libcontainer sent over the console socket while it built the container.
 fn receive_master(console: &UnixListener) -> Result<OwnedFd, String> {
