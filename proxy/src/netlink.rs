@@ -994,24 +994,8 @@ mod tests {
             Op::AddRule("svc", &rule),
         ];
         let (first, rest) = split_new_endpoint_maps(&ops);
-        assert_eq!(
-            first,
-            [
-                ops[0].clone(),
-                ops[1].clone(),
-                ops[2].clone(),
-                ops[3].clone()
-            ]
-        );
-        assert_eq!(
-            rest,
-            [
-                ops[0].clone(),
-                ops[4].clone(),
-                ops[5].clone(),
-                ops[6].clone()
-            ]
-        );
+        assert_eq!(first, ops[..4]);
+        assert_eq!(rest, [&ops[..1], &ops[4..]].concat());
         // A table replaced whole stays one transaction.
         let mut full = vec![Op::AddTable, Op::DeleteTable];
         full.extend(ops);
